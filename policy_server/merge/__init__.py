@@ -1,0 +1,1 @@
+"""Merge engine: streaming task vectors, the CARVE admission and the baseline merges."""

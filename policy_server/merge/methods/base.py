@@ -1,0 +1,154 @@
+"""The merge-method interface and registry (one class per method, as in mergekit).
+
+Every method works per tensor, in float32, on task vectors ``tau = expert - base``. The engine
+streams tensors one at a time and hands each method what it needs:
+
+* continual methods (``continual = True``) implement :meth:`MergeMethod.admit_tensor`: admit one new
+  expert into the carried per-tensor state without any earlier expert (CARVE, expert bank, online
+  task arithmetic, MagMax, OPCM...);
+* one-shot methods implement :meth:`MergeMethod.merge_tensor` over all given experts (TIES, DARE,
+  TALL masks, TSV...). In a continual benchmark the engine re-merges them from the kept experts.
+
+Options are a dataclass per method (``options_cls``); each field's ``metadata["help"]`` becomes a CLI
+flag ``--<field-name-with-dashes>``, so a method's knobs are documented in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from policy_server.errors import InputError
+from policy_server.merge.entries import ResidualEntry
+
+
+@dataclass
+class TensorContext:
+    """What a method knows about the tensor it is merging.
+
+    name: checkpoint key; shape: full shape; dense: True when policy says keep this tensor dense
+    (1-D tensors, ``--dense-pattern`` matches), so low-rank compression must not be applied.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dense: bool = False
+
+
+@dataclass
+class TensorState:
+    """Per-tensor state a continual method carries from one admission to the next.
+
+    core: dense float32 core delta (None before the first admission or for methods without core);
+    aux: method-specific float32/int tensors (e.g. per-coordinate update counts);
+    residuals: earlier skills' entries for this tensor, by skill name (read-only unless the method
+    returns replacements in ``AdmitResult.updated``, e.g. drift compensation).
+    """
+
+    core: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    residuals: dict[str, ResidualEntry] = field(default_factory=dict)
+
+
+@dataclass
+class AdmitResult:
+    """Outcome of admitting one expert's tensor.
+
+    core/aux: the new carried state; entry: the new skill's residual (None = runs as base + core);
+    updated: re-fitted entries of earlier skills; info: JSON-able facts for the manifest
+    (``rank``, ``rel_error``, ``kind``...).
+    """
+
+    core: torch.Tensor | None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    entry: ResidualEntry | None = None
+    updated: dict[str, ResidualEntry] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeResult:
+    """Outcome of a one-shot merge of one tensor over N experts.
+
+    core: shared delta (None = no shared part); entries: one per expert, in input order (None =
+    that skill runs as base + core); info: JSON-able facts for the manifest.
+    """
+
+    core: torch.Tensor | None
+    entries: list[ResidualEntry | None]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class MergeMethod:
+    """Base class. Subclasses set ``name``, ``options_cls``, ``continual`` and implement one of
+    ``admit_tensor`` / ``merge_tensor``. ``aliases`` are extra CLI names (e.g. ``ta``)."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    options_cls: ClassVar[type] = None  # a dataclass
+    continual: ClassVar[bool] = False
+    #: True when the method keeps per-skill parts, so ``carve merge`` writes a state, not a checkpoint.
+    per_skill: ClassVar[bool] = False
+    #: True when merge_tensor needs statistics over all tensors first (e.g. TIES global trim);
+    #: the engine then calls ``observe_tensor`` on every tensor before the merge pass.
+    needs_observe_pass: ClassVar[bool] = False
+
+    def __init__(self, options=None, seed: int = 0):
+        self.options = options if options is not None else self.options_cls()
+        self.seed = seed
+
+    # continual methods -------------------------------------------------------------------------
+    def admit_tensor(self, ctx: TensorContext, tau: torch.Tensor, state: TensorState, t: int,
+                     skill: str) -> AdmitResult:
+        """Admit expert number ``t`` (1-based) named ``skill``. tau: float32, shape ctx.shape."""
+        raise NotImplementedError(f"method {self.name!r} is one-shot: use `carve merge`")
+
+    # one-shot methods --------------------------------------------------------------------------
+    def observe_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> None:
+        """First pass over every tensor when ``needs_observe_pass``; default does nothing."""
+
+    def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
+        """Merge N task vectors (float32, shape ctx.shape) of one tensor."""
+        raise NotImplementedError(f"method {self.name!r} is continual-only")
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+
+METHODS: dict[str, type[MergeMethod]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator adding ``cls`` to the registry under its name and aliases."""
+    if not cls.name or cls.options_cls is None:
+        raise TypeError(f"{cls.__name__} must set name and options_cls")
+    for key in (cls.name, *cls.aliases):
+        if key in _ALIASES and _ALIASES[key] != cls.name:
+            raise TypeError(f"merge method name {key!r} registered twice")
+        _ALIASES[key] = cls.name
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    """Look a method up by name or alias; InputError listing the known names otherwise."""
+    from policy_server.merge import methods as _  # noqa: F401  (imports every method module)
+
+    key = _ALIASES.get(name.lower().replace("_", "-"), _ALIASES.get(name))
+    if key is None:
+        raise InputError(f"unknown merge method {name!r}; known: {', '.join(sorted(_ALIASES))}")
+    return METHODS[key]
+
+
+def build_options(method_cls: type[MergeMethod], values: dict[str, Any]):
+    """Build the options dataclass from a {field: value} dict, rejecting unknown keys."""
+    names = {f.name for f in dataclasses.fields(method_cls.options_cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise InputError(f"method {method_cls.name!r} has no option(s) {sorted(unknown)}; "
+                         f"it takes {sorted(names)}")
+    return method_cls.options_cls(**values)

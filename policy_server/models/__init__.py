@@ -1,0 +1,1 @@
+"""Model backends: a VLA policy behind one small interface (see base.PolicyBackend)."""

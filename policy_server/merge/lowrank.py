@@ -1,0 +1,109 @@
+"""Truncated SVD of residual matrices into the two factors CARVE stores per skill and tensor.
+
+Factor convention: ``P = U_r * S_r`` (m, r) and ``Q = V_r^T`` (r, n), i.e. the singular values
+live in ``P`` and ``Q`` has orthonormal rows. The runtime's side path computes ``(x Q^T) P^T``,
+and keeping ``Q`` orthonormal keeps the intermediate ``x Q^T`` at the scale of ``x`` (no overflow
+risk when stored in half precision); drift compensation also relies on ``Q`` being orthonormal
+only through re-running this function, never on the split itself.
+
+Achieved error ``rel_error = |R - P Q|_F / |R|_F`` is recorded for every truncation: from the tail
+singular values for the exact SVD (Eckart-Young: that is the optimum), from the actual residual for
+the randomized one (its spectrum is approximate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from policy_server.errors import InputError
+from policy_server.merge.entries import LowRank
+
+#: above this min(m, n), method="auto" switches from the exact to the randomized SVD
+EXACT_MAX_DIM = 1024
+
+
+def should_store_dense(m: int, n: int, r: int) -> bool:
+    """True when rank-``r`` factors would not be smaller than the dense (m, n) matrix:
+    ``r * (m + n) >= m * n``."""
+    return r * (m + n) >= m * n
+
+
+def _rank_for_energy(s: torch.Tensor, total_sq: float, energy: float) -> int:
+    """Smallest k with ``sum_{i<=k} s_i^2 / total_sq >= energy`` (len(s) if never reached)."""
+    cum = torch.cumsum(s.double() ** 2, 0) / total_sq
+    # tolerance: cum of float32 values can land a hair below 1.0 for energy=1.0
+    hit = torch.nonzero(cum >= energy - 1e-9)
+    return int(hit[0]) + 1 if hit.numel() else int(s.numel())
+
+
+def _check_args(R: torch.Tensor, rank, energy, method: str) -> None:
+    if R.ndim != 2:
+        raise InputError(f"truncated_svd needs a 2-D matrix, got shape {tuple(R.shape)}")
+    if rank is None and energy is None:
+        raise InputError("truncated_svd needs rank or energy")
+    if rank is not None and rank < 0:
+        raise InputError(f"rank must be >= 0, got {rank}")
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise InputError(f"energy must be in (0, 1], got {energy}")
+    if method not in ("auto", "exact", "randomized"):
+        raise InputError(f"svd method must be auto|exact|randomized, got {method!r}")
+
+
+def truncated_svd(R: torch.Tensor, rank: int | None = None, energy: float | None = None,
+                  method: str = "auto", oversample: int = 8, power_iters: int = 2,
+                  seed: int = 0) -> LowRank:
+    """Best rank-``r`` factors ``P (m, r)``, ``Q (r, n)`` (float32) of ``R (m, n)``.
+
+    rank: fixed rank (clamped to min(m, n)); with ``energy`` as well it is an upper bound.
+    energy: pick the smallest k with ``sum_{i<=k} s_i^2 / |R|_F^2 >= energy``. The denominator is
+    the exact ``|R|_F^2`` in both methods; for the randomized SVD the numerator uses the computed
+    (slightly underestimated) leading singular values, so the chosen k can be a little larger than
+    the exact one, never smaller than needed. If the computed spectrum does not reach ``energy``,
+    the sketch size is doubled until it does (falling back to the exact SVD at full size).
+    method: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank`` with
+    ``rank + oversample`` columns and ``power_iters`` power iterations, seeded by ``seed`` without
+    touching the global RNG), or "auto" (exact when min(m, n) <= 1024 or the sketch would cover
+    most of the spectrum). A zero matrix gives rank 0 and rel_error 0.
+    """
+    _check_args(R, rank, energy, method)
+    R = R.float()
+    m, n = R.shape
+    full = min(m, n)
+    total_sq = float(torch.linalg.vector_norm(R, dtype=torch.float64) ** 2)
+    if total_sq == 0.0 or full == 0 or rank == 0:
+        rel = 0.0 if total_sq == 0.0 else 1.0
+        return LowRank(R.new_zeros((m, 0)), R.new_zeros((0, n)), rel)
+    cap = full if rank is None else min(int(rank), full)
+    want = cap if energy is None else min(cap, 64)
+    use_exact = method == "exact" or (method == "auto" and (
+        full <= EXACT_MAX_DIM or want + oversample >= full // 2))
+    if use_exact:
+        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        k = cap if energy is None else min(cap, _rank_for_energy(S, total_sq, energy))
+        tail = float(torch.sum(S[k:].double() ** 2))
+        # Tail of a float32 SVD vs a float64 norm can differ by rounding; clamp into [0, 1].
+        rel = math.sqrt(min(max(tail / total_sq, 0.0), 1.0))
+        return LowRank((U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous(), rel)
+
+    q = min(want + oversample, full)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(R, q=q, niter=power_iters)
+        if energy is None:
+            k = min(cap, S.numel())
+            break
+        k = _rank_for_energy(S, total_sq, energy)
+        reached = float(torch.sum(S[:k].double() ** 2)) / total_sq >= energy - 1e-9
+        if reached or k >= cap:
+            k = min(k, cap)
+            break
+        if q >= full:  # sketch already spans everything: the spectrum itself falls short
+            return truncated_svd(R, rank=cap, energy=energy, method="exact")
+        q = min(2 * q, full)
+    P = (U[:, :k] * S[:k]).contiguous()
+    Q = V[:, :k].T.contiguous()
+    resid = float(torch.linalg.vector_norm(R - P @ Q, dtype=torch.float64) ** 2)
+    return LowRank(P, Q, math.sqrt(min(resid / total_sq, 1.0)))

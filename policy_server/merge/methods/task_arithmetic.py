@@ -1,0 +1,189 @@
+"""Task arithmetic (Ilharco et al., 2023): ``theta = theta0 + lam * sum_i tau_i``.
+
+Per tensor, float32. One-shot (``merge_tensor``) and continual (``admit_tensor``): the merged delta
+is a running sum, so admitting expert ``t`` only needs the current core::
+
+    C_t = C_{t-1} + lam * tau_t        (C_0 = 0)   ==>   C_T = lam * sum_i tau_i
+
+Every skill runs as ``base + core`` (no per-skill entries).
+
+``lam`` defaults to 0.3 (FusionBench's ``scaling_factor`` in its task-arithmetic configs, and the
+value the task-arithmetic paper usually selects); ``--lam 1.0`` reproduces mergekit's
+``task_arithmetic`` with ``weight: 1.0`` per model and ``normalize: false`` (its default for this
+method). See ``docs/METHODS.md``.
+
+This module also holds the small helpers every baseline method shares (input checks, glob
+matching, deterministic per-tensor seeds, folding admissions into a one-shot merge), since task
+arithmetic is the common building block of the family.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from policy_server.errors import InputError
+from policy_server.merge.methods.base import (
+    AdmitResult,
+    MergeMethod,
+    MergeResult,
+    TensorContext,
+    TensorState,
+    register_method,
+)
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers of the baseline methods
+
+
+def check_taus(method: str, ctx: TensorContext, taus: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Validate N task vectors of one tensor and return them as float32 (no copy when already so).
+
+    Raises InputError naming the method and tensor when the list is empty, a task vector is not a
+    floating tensor, or its shape differs from ``ctx.shape``.
+    """
+    if len(taus) == 0:
+        raise InputError(f"{method}: no task vectors given for tensor {ctx.name!r}")
+    out = []
+    for i, tau in enumerate(taus):
+        out.append(check_tau(method, ctx, tau, index=i))
+    return out
+
+
+def check_tau(method: str, ctx: TensorContext, tau: torch.Tensor, index: int | None = None
+              ) -> torch.Tensor:
+    """Validate one task vector (shape ``ctx.shape``, floating dtype); return it as float32."""
+    which = f"task vector {index}" if index is not None else "task vector"
+    if not isinstance(tau, torch.Tensor) or not tau.is_floating_point():
+        raise InputError(f"{method}: {which} of tensor {ctx.name!r} is not a floating tensor "
+                         f"(got {type(tau).__name__} {getattr(tau, 'dtype', '')})")
+    if tuple(tau.shape) != tuple(ctx.shape):
+        raise InputError(f"{method}: {which} of tensor {ctx.name!r} has shape {tuple(tau.shape)}, "
+                         f"expected {tuple(ctx.shape)}")
+    return tau.to(torch.float32)
+
+
+def check_float(method: str, name: str, value, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """Validate a finite float option in [lo, hi] (open ends when asked); InputError otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{method}: option {name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise InputError(f"{method}: option {name} must be finite, got {value!r}")
+    bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+    bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+    if bad_lo or bad_hi:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise InputError(f"{method}: option {name} must be in {rng}, got {value!r}")
+    return v
+
+
+def check_choice(method: str, name: str, value, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise InputError(f"{method}: option {name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_patterns(method: str, name: str, value) -> list[str]:
+    """Normalise a glob-pattern option: a list of strings, or one comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise InputError(f"{method}: option {name} must be a list of non-empty glob patterns, "
+                         f"got {value!r}")
+    return list(value)
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """True when the checkpoint key matches one of the shell-style glob patterns (case-sensitive)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed derived from ``parts`` with sha256.
+
+    Python's ``hash()`` is salted per process, so it cannot make results reproducible across runs;
+    hashing (seed, tensor name, task index) makes every tensor's randomness independent of the
+    order in which the engine streams tensors.
+    """
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def fold_admissions(method: MergeMethod, ctx: TensorContext, taus: Sequence[torch.Tensor]
+                    ) -> MergeResult:
+    """One-shot merge of a continual method: admit ``taus`` in order and keep the final core.
+
+    Per-skill entries are returned as the admissions produced them, with any later re-fits
+    (``AdmitResult.updated``) applied, keyed by the synthetic skill names ``"0", "1", ...``.
+    """
+    state = TensorState()
+    entries: dict[str, object] = {}
+    info: dict = {}
+    for t, tau in enumerate(taus, start=1):
+        skill = str(t - 1)
+        res = method.admit_tensor(ctx, tau, state, t, skill)
+        entries[skill] = res.entry
+        for k, e in res.updated.items():
+            entries[k] = e
+        state = TensorState(core=res.core, aux=res.aux,
+                            residuals={k: e for k, e in entries.items() if e is not None})
+        info = res.info
+    return MergeResult(core=state.core, entries=[entries[str(i)] for i in range(len(taus))],
+                       info=info)
+
+
+# ------------------------------------------------------------------------------------------------
+# task arithmetic
+
+
+@dataclass
+class TaskArithmeticOptions:
+    lam: float = field(default=0.3, metadata={"help": (
+        "scaling of the summed task vectors: theta0 + lam * sum tau_i. 0.3 = FusionBench's "
+        "scaling_factor in its task-arithmetic configs; 1.0 = mergekit task_arithmetic with "
+        "weight 1.0 per model and normalize false; 1/N = plain averaging of N experts")})
+
+    def __post_init__(self):
+        self.lam = check_float("task_arithmetic", "lam", self.lam)
+
+
+@register_method
+class TaskArithmetic(MergeMethod):
+    """``core = lam * sum_i tau_i``; no per-skill entries. Online: ``C_t = C_{t-1} + lam tau_t``."""
+
+    name = "task_arithmetic"
+    aliases = ("ta", "task-arithmetic")
+    options_cls = TaskArithmeticOptions
+    continual = True
+    per_skill = False
+
+    def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
+        """taus: N float32 tensors of shape ctx.shape -> core float32 ctx.shape, N None entries."""
+        taus = check_taus(self.name, ctx, taus)
+        total = torch.zeros(ctx.shape, dtype=torch.float32)
+        for tau in taus:
+            total.add_(tau)
+        return MergeResult(core=total.mul_(self.options.lam), entries=[None] * len(taus),
+                           info={"kind": "task_arithmetic", "n": len(taus)})
+
+    def admit_tensor(self, ctx: TensorContext, tau: torch.Tensor, state: TensorState, t: int,
+                     skill: str) -> AdmitResult:
+        """Add ``lam * tau`` (float32, ctx.shape) to the carried core; the skill has no entry."""
+        tau = check_tau(self.name, ctx, tau)
+        core = state.core.float().clone() if state.core is not None else torch.zeros(
+            ctx.shape, dtype=torch.float32)
+        core.add_(tau, alpha=self.options.lam)
+        return AdmitResult(core=core, aux={}, entry=None,
+                           info={"kind": "task_arithmetic", "t": int(t)})

@@ -1,0 +1,205 @@
+"""TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge, scale.
+
+Per tensor, float32, over N task vectors ``tau_i``::
+
+    trim     t_i  = tau_i * [|tau_i| >= thr_i]      thr_i: the k-th largest |tau_i|, k = int(density*n)
+    elect    s    = sign(sum_i t_i)                 ("mass"; "count": sign(sum_i sign(t_i)))
+    disjoint a_i  = [sign(t_i) == s] * [s != 0]
+             m    = sum_i a_i t_i / max(1, sum_i a_i)   ("mean"; "sum": no division;
+                                                         "max": s * max_i a_i |t_i|)
+    core     C    = lam * m
+
+Zeros never survive the trim (a zero carries no sign). ``trim_scope="tensor"`` (mergekit) ranks
+each task vector within the tensor; ``trim_scope="global"`` (FusionBench) ranks each task vector
+over *all* merged tensors, which needs a first pass (``observe_tensor``). That pass keeps, per
+task, a histogram of ``log2 |tau|`` with ``BINS_PER_OCTAVE`` bins per octave (a few 10 KB in all),
+never the tensors; the threshold is the lower edge of the bin holding the k-th largest value, so
+it is exact up to a factor ``2**(1/64)`` (~1.1 %), and a tensor's trim is decided by comparing
+bin indices computed the same way in both passes (no float edge disagreement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from policy_server.errors import StateError
+from policy_server.merge.methods.base import (
+    MergeMethod,
+    MergeResult,
+    TensorContext,
+    register_method,
+)
+from policy_server.merge.methods.task_arithmetic import check_choice, check_float, check_taus
+
+TRIM_SCOPES = ("tensor", "global")
+CONSENSUS = ("mass", "count")
+MERGE_FUNCS = ("mean", "sum", "max")
+
+#: histogram of log2|tau| for the global trim: bins per octave and covered octaves. Values below
+#: 2**LOG2_MIN fall in bin 0 and above 2**LOG2_MAX in the last bin (float32 deltas of real
+#: checkpoints live well inside this range).
+BINS_PER_OCTAVE = 64
+LOG2_MIN = -48.0
+LOG2_MAX = 16.0
+N_BINS = int((LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE)
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks, shared with DARE-TIES
+
+
+def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Bool mask (tau's shape) keeping the ``int(density * numel)`` largest |tau| (at least one
+    when density > 0); entries tied with the k-th largest are kept too; zeros are never kept."""
+    n = tau.numel()
+    if density >= 1.0:
+        return tau != 0
+    k = max(1, int(density * n)) if density > 0 else 0
+    if k == 0 or n == 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    mag = tau.abs().reshape(-1)
+    thr = torch.topk(mag, k, largest=True, sorted=False).values.min()
+    return (tau.abs() >= thr) & (tau != 0)
+
+
+def log2_bins(tau: torch.Tensor) -> torch.Tensor:
+    """int64 histogram bin of every |tau| (same shape); zeros get -1 (never counted, never kept)."""
+    mag = tau.abs()
+    with torch.no_grad():
+        b = torch.floor((torch.log2(mag.clamp_min(1e-45)) - LOG2_MIN) * BINS_PER_OCTAVE)
+        b = b.clamp_(0, N_BINS - 1).to(torch.int64)
+    return torch.where(mag > 0, b, torch.full_like(b, -1))
+
+
+def elect_sign(trimmed: torch.Tensor, consensus: str) -> torch.Tensor:
+    """trimmed: (N, ...) float32 -> elected sign (...) in {-1, 0, +1} float32."""
+    if consensus == "mass":
+        return torch.sign(trimmed.sum(0))
+    return torch.sign(torch.sign(trimmed).sum(0))
+
+
+def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
+    """Combine the entries of ``trimmed`` (N, ...) whose sign agrees with ``sign`` (...).
+
+    A coordinate whose elected sign is 0 merges to 0 (as in mergekit; FusionBench replaces a zero
+    elected sign by the sign of the whole vector's total mass).
+    """
+    agree = (torch.sign(trimmed) == sign.unsqueeze(0)) & (sign != 0).unsqueeze(0)
+    kept = trimmed * agree
+    if merge_func == "sum":
+        return kept.sum(0)
+    if merge_func == "max":
+        return sign * kept.abs().amax(0)
+    count = agree.sum(0).clamp_min(1).to(torch.float32)
+    return kept.sum(0) / count
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TiesOptions:
+    density: float = field(default=0.2, metadata={"help": (
+        "fraction of each task vector's entries kept by the trim (top-k by |tau|); 0.2 = the TIES "
+        "paper's k=20% and FusionBench's threshold=20; mergekit has no default")})
+    trim_scope: str = field(default="tensor", metadata={"help": (
+        "'tensor': rank |tau| within each tensor (mergekit); 'global': rank each task vector "
+        "over all merged tensors (FusionBench; needs an extra streaming pass that keeps only a "
+        "log-magnitude histogram per task)")})
+    consensus: str = field(default="mass", metadata={"help": (
+        "sign election: 'mass' (sign of the summed trimmed values: the paper, FusionBench, "
+        "mergekit 'sum') or 'count' (majority of signs: mergekit 'count')")})
+    merge_func: str = field(default="mean", metadata={"help": (
+        "disjoint merge of the sign-agreeing values: 'mean' (paper; mergekit normalize=true), "
+        "'sum' (mergekit normalize=false) or 'max' (FusionBench merge_func=max)")})
+    lam: float = field(default=1.0, metadata={"help": (
+        "scaling of the merged task vector (paper lambda, mergekit lambda default 1.0; "
+        "FusionBench's configs use scaling_factor 0.3)")})
+
+    def __post_init__(self):
+        self.density = check_float("ties", "density", self.density, 0.0, 1.0, lo_open=True)
+        check_choice("ties", "trim_scope", self.trim_scope, TRIM_SCOPES)
+        check_choice("ties", "consensus", self.consensus, CONSENSUS)
+        check_choice("ties", "merge_func", self.merge_func, MERGE_FUNCS)
+        self.lam = check_float("ties", "lam", self.lam)
+
+
+@register_method
+class Ties(MergeMethod):
+    """TIES-Merging; core = lam * disjoint-merge(elect(trim(tau_i))). No per-skill entries."""
+
+    name = "ties"
+    aliases = ("ties-merging",)
+    options_cls = TiesOptions
+    continual = False
+    per_skill = False
+    # Class-level True so an engine that only looks at the class still runs the pass; each
+    # instance overrides it with what its options need (only the global trim needs it).
+    needs_observe_pass = True
+
+    def __init__(self, options=None, seed: int = 0):
+        super().__init__(options, seed)
+        self.needs_observe_pass = self.options.trim_scope == "global"
+        self._hist: torch.Tensor | None = None      # (N, N_BINS) int64 counts of nonzero |tau|
+        self._numel = 0                             # entries seen per task, zeros included
+        self._thr_bins: torch.Tensor | None = None  # (N,) int64 first kept bin per task
+        self._observed: set[str] = set()
+
+    # observe pass (global trim) ----------------------------------------------------------------
+    def observe_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> None:
+        """Add this tensor's |tau_i| to the per-task histograms (global trim only)."""
+        if self.options.trim_scope != "global":
+            return
+        taus = check_taus(self.name, ctx, taus)
+        if self._thr_bins is not None:  # a new merge run with the same instance: start over
+            self._hist, self._numel, self._thr_bins, self._observed = None, 0, None, set()
+        if ctx.name in self._observed:
+            raise StateError(f"ties: tensor {ctx.name!r} observed twice in one pass")
+        self._observed.add(ctx.name)
+        if self._hist is None:
+            self._hist = torch.zeros(len(taus), N_BINS, dtype=torch.int64)
+        elif self._hist.shape[0] != len(taus):
+            raise StateError(f"ties: tensor {ctx.name!r} has {len(taus)} task vectors, earlier "
+                             f"tensors had {self._hist.shape[0]}")
+        for i, tau in enumerate(taus):
+            b = log2_bins(tau).reshape(-1)
+            self._hist[i] += torch.bincount(b[b >= 0], minlength=N_BINS)
+        self._numel += taus[0].numel()
+
+    def _global_thresholds(self) -> torch.Tensor:
+        """(N,) first kept bin per task: the bin holding each task's k-th largest |tau|."""
+        if self._thr_bins is None:
+            if self._hist is None:
+                raise StateError("ties: trim_scope='global' needs the observe pass over every "
+                                 "tensor before merge_tensor")
+            k = max(1, int(self.options.density * self._numel))
+            # count of entries in bins >= b, per task; the threshold is the largest b with >= k
+            from_top = self._hist.flip(1).cumsum(1).flip(1)
+            reach = from_top >= k
+            # a task with fewer than k nonzero entries keeps all of them (bin 0)
+            idx = torch.arange(N_BINS).expand_as(reach)
+            self._thr_bins = torch.where(reach, idx, torch.zeros_like(idx)).amax(1)
+        return self._thr_bins
+
+    # merge -------------------------------------------------------------------------------------
+    def trim(self, ctx: TensorContext, taus: list[torch.Tensor]) -> torch.Tensor:
+        """(N, *ctx.shape) float32 trimmed task vectors."""
+        if self.options.trim_scope == "global":
+            thr = self._global_thresholds()
+            if thr.shape[0] != len(taus):
+                raise StateError(f"ties: tensor {ctx.name!r} has {len(taus)} task vectors, the "
+                                 f"observe pass saw {thr.shape[0]}")
+            return torch.stack([t * (log2_bins(t) >= thr[i]) for i, t in enumerate(taus)])
+        return torch.stack([t * topk_mask(t, self.options.density) for t in taus])
+
+    def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
+        """taus: N float32 tensors of shape ctx.shape -> core (ctx.shape float32), N None entries."""
+        taus = check_taus(self.name, ctx, taus)
+        trimmed = self.trim(ctx, taus)
+        sign = elect_sign(trimmed, self.options.consensus)
+        merged = disjoint_merge(trimmed, sign, self.options.merge_func)
+        kept = float((trimmed != 0).float().mean()) if trimmed.numel() else 0.0
+        return MergeResult(core=merged * self.options.lam, entries=[None] * len(taus),
+                           info={"kind": "ties", "kept_fraction": kept})

@@ -1,0 +1,114 @@
+"""Truncated SVD: Eckart-Young optimality, energy selection, randomized accuracy, edge cases."""
+
+import math
+
+import pytest
+import torch
+
+from policy_server.errors import InputError
+from policy_server.merge.lowrank import should_store_dense, truncated_svd
+
+
+def _lowrank_plus_noise(m, n, k, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g)
+            + noise * torch.randn(m, n, generator=g))
+
+
+def test_eckart_young_error_equals_tail_energy():
+    R = _lowrank_plus_noise(40, 30, 6, 0.3)
+    s = torch.linalg.svdvals(R.double())
+    for r in (0, 1, 5, 12, 30):
+        lr = truncated_svd(R, rank=r, method="exact")
+        assert lr.P.shape == (40, r) and lr.Q.shape == (r, 30) and lr.rank == r
+        tail = math.sqrt(float((s[r:] ** 2).sum())) / float(torch.linalg.norm(R.double()))
+        actual = float(torch.linalg.norm(R - lr.P @ lr.Q) / torch.linalg.norm(R))
+        assert lr.rel_error == pytest.approx(tail, abs=1e-5)
+        assert actual == pytest.approx(tail, abs=1e-5)
+        if r:  # convention: Q = V_r^T has orthonormal rows, P = U_r S_r
+            torch.testing.assert_close(lr.Q @ lr.Q.T, torch.eye(r), atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.linalg.norm(lr.P, dim=0), s[:r].float(), rtol=1e-4,
+                                       atol=1e-5)
+    # no rank-r matrix does better than the truncation (spot check against random rank-5 fits)
+    best = truncated_svd(R, rank=5, method="exact").rel_error
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        X = torch.randn(40, 5, generator=g)
+        fit = X @ torch.linalg.lstsq(X, R).solution  # best fit within a random column space
+        assert float(torch.linalg.norm(R - fit) / torch.linalg.norm(R)) >= best - 1e-6
+
+
+def test_energy_selects_smallest_rank():
+    R = _lowrank_plus_noise(50, 35, 8, 0.2, seed=2)
+    s2 = torch.linalg.svdvals(R.double()) ** 2
+    frac = torch.cumsum(s2, 0) / s2.sum()
+    for energy in (0.5, 0.9, 0.99, 0.999):
+        k = int(torch.nonzero(frac >= energy)[0]) + 1
+        lr = truncated_svd(R, energy=energy, method="exact")
+        assert lr.rank == k
+        assert 1 - lr.rel_error ** 2 >= energy - 1e-6  # kept energy reaches the threshold
+        if k > 1:
+            assert float(frac[k - 2]) < energy  # and one fewer would not
+    assert truncated_svd(R, energy=1.0, method="exact").rank == 35
+    # rank acts as a cap when both are given
+    assert truncated_svd(R, rank=3, energy=0.999, method="exact").rank == 3
+
+
+def test_randomized_close_to_exact_and_seeded():
+    R = _lowrank_plus_noise(300, 200, 10, 0.05, seed=3)
+    ex = truncated_svd(R, rank=10, method="exact")
+    state = torch.random.get_rng_state()
+    rs = truncated_svd(R, rank=10, method="randomized", oversample=8, power_iters=2, seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+    actual = float(torch.linalg.norm(R - rs.P @ rs.Q) / torch.linalg.norm(R))
+    assert rs.rel_error == pytest.approx(actual, rel=1e-4)
+    assert rs.rel_error <= ex.rel_error * 1.02
+    rs2 = truncated_svd(R, rank=10, method="randomized", seed=5)
+    assert torch.equal(rs.P, rs2.P) and torch.equal(rs.Q, rs2.Q)
+    # energy through the randomized path: reaches the threshold, rank near the exact choice
+    e_ex = truncated_svd(R, energy=0.99, method="exact")
+    e_rs = truncated_svd(R, energy=0.99, method="randomized")
+    assert e_ex.rank <= e_rs.rank <= e_ex.rank + 2
+    assert 1 - e_rs.rel_error ** 2 >= 0.99 - 1e-4
+    # a slowly decaying spectrum: the first sketch (64 + 8 columns) cannot reach 90% energy, so
+    # the sketch has to grow
+    g = torch.Generator().manual_seed(6)
+    U = torch.linalg.qr(torch.randn(300, 200, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(200, 200, generator=g)).Q
+    S = torch.arange(1, 201, dtype=torch.float32) ** -0.5
+    slow = (U * S) @ V.T
+    want = truncated_svd(slow, energy=0.9, method="exact").rank
+    big = truncated_svd(slow, energy=0.9, method="randomized")
+    assert want > 72 and want <= big.rank <= want + 3
+    assert 1 - big.rel_error ** 2 >= 0.9 - 1e-4
+
+
+def test_auto_uses_exact_on_small_matrices():
+    R = _lowrank_plus_noise(30, 20, 4, 0.1, seed=4)
+    a = truncated_svd(R, rank=4, method="auto")
+    e = truncated_svd(R, rank=4, method="exact")
+    assert torch.equal(a.P, e.P) and a.rel_error == e.rel_error
+
+
+def test_zero_matrix_and_degenerate_inputs():
+    z = truncated_svd(torch.zeros(7, 5), rank=3)
+    assert z.rank == 0 and z.rel_error == 0.0 and z.P.shape == (7, 0) and z.Q.shape == (0, 5)
+    assert torch.equal(z.materialize(), torch.zeros(7, 5))
+    assert truncated_svd(torch.zeros(7, 5), energy=0.9).rank == 0
+    assert truncated_svd(torch.randn(4, 3), rank=10).rank == 3  # clamped to min(m, n)
+    with pytest.raises(InputError, match="2-D"):
+        truncated_svd(torch.zeros(3), rank=1)
+    with pytest.raises(InputError, match="energy must be in"):
+        truncated_svd(torch.ones(3, 3), energy=1.5)
+    with pytest.raises(InputError, match="rank or energy"):
+        truncated_svd(torch.ones(3, 3))
+    with pytest.raises(InputError, match="auto|exact|randomized"):
+        truncated_svd(torch.ones(3, 3), rank=1, method="qr")
+
+
+def test_should_store_dense():
+    assert should_store_dense(4, 4, 2)          # 2*8 = 16 >= 16
+    assert not should_store_dense(4, 4, 1)      # 8 < 16
+    assert should_store_dense(100, 100, 50)
+    assert not should_store_dense(4096, 4096, 64)
+    assert should_store_dense(64, 1, 1)         # a column: factors never save

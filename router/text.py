@@ -5,7 +5,7 @@ embedding q, (d,), unit):
 
     best_k  = max_i  q . E_k[i]                      (nearest registered instruction)
     proto_k = q . normalize(mean_i E_k[i])           (skill prototype: the "centre" of the skill)
-    score_k = (1 - w) * best_k + w * proto_k         (w = prototype_weight, default 0.25)
+    score_k = (1 - w) * best_k + w * proto_k         (w = prototype_weight, default 0.1)
 
 The nearest-instruction term is what makes a registered instruction route exactly (cos = 1); the
 prototype term smooths it for paraphrases that sit between several registered instructions of one
@@ -20,8 +20,13 @@ A plain softmax is shift-invariant, so an out-of-domain instruction ("make me a 
 cosines to all skills are uniformly low, could still get a confident winner; the null logit makes
 the confidence fall when the best score is not clearly above ``null_score`` (the cosine at which an
 instruction is as likely unrelated as related). T sets how fast confidence rises with a score gap:
-with T = 0.05 a cosine gap of 0.05 is a factor e between two skills. The defaults were tuned on the
+with T = 0.02 a cosine gap of 0.02 is a factor e between two skills. The defaults were tuned on the
 LIBERO held-out paraphrases and an out-of-domain set (``bench/routing``, see docs/ROUTING.md).
+
+Registered instructions: an instruction equal to a registered one (case and whitespace folded) and
+registered by only one skill is routed to its skill with confidence 1.0, like ``ExactRouter``: near-duplicate registered instructions
+(LIBERO-spatial's ten "pick up the black bowl ... and place it on the plate" differ by a few words,
+cos ~0.95) would otherwise split the softmax and abstain on an instruction the router knows exactly.
 
 Abstention: skill None, abstained True, with a reason, when the winner's confidence is below
 ``min_confidence`` or its margin over the runner-up (in confidence) is below ``min_margin``.
@@ -40,7 +45,7 @@ import warnings
 import torch
 
 from policy_server.errors import InputError
-from router.base import RouteDecision, Router
+from router.base import RouteDecision, Router, _normalise
 from router.embedder import Embedder, fingerprint_tensor, tensor_fingerprint, texts_digest
 
 log = logging.getLogger(__name__)
@@ -50,8 +55,11 @@ KEY_EMBEDDINGS = "router::text::embeddings"      # float32 (n, d), unit rows
 KEY_MODEL = "router::text::model_sha256"         # uint8 (32,): Embedder.fingerprint
 KEY_TEXTS = "router::text::instructions_sha256"  # uint8 (32,): texts_digest(instructions)
 
-DEFAULTS = {"min_confidence": 0.5, "min_margin": 0.1, "temperature": 0.05,
-            "prototype_weight": 0.25, "null_score": 0.5}
+# Tuned on the "dev" half of bench/routing (first 2 of 5 paraphrases per task), reported on the rest:
+# see docs/ROUTING.md. Prototype weight above ~0.25 hurt there (libero_10's tasks are heterogeneous,
+# so its prototype is a blurry centre that attracts other suites' paraphrases).
+DEFAULTS = {"min_confidence": 0.4, "min_margin": 0.05, "temperature": 0.02,
+            "prototype_weight": 0.1, "null_score": 0.5}
 
 
 def skill_texts(record: dict) -> list[str]:
@@ -164,6 +172,14 @@ class TextRouter(Router):
         self._owner = torch.tensor(owner)                # (N,) skill index of each row
         self._P = torch.stack(protos)                    # (S, d) skill prototypes
         self._texts = [t for s in self.skills for t in self.instructions[s]]
+        owners: dict[str, set[int]] = {}
+        for j, s in enumerate(self.skills):
+            for t in self.instructions[s]:
+                owners.setdefault(_normalise(t), set()).add(j)
+        # Only instructions registered by exactly one skill are certain; one shared by several
+        # skills goes through the softmax (and abstains on the tie, or the hybrid router breaks it
+        # with the observation).
+        self._exact = {t: next(iter(js)) for t, js in owners.items() if len(js) == 1}
 
     # ---------------------------------------------------------------- construction from the state
     @classmethod
@@ -225,10 +241,20 @@ class TextRouter(Router):
         sc = self.scores(q)
         pr = self.probabilities(sc)
         sims = q @ self._E.T
-        return [self._decide(sc[i], pr[i], sims[i]) for i in range(len(instructions))]
+        return [self._decide(sc[i], pr[i], sims[i], self._exact.get(_normalise(instructions[i])))
+                for i in range(len(instructions))]
 
-    def _decide(self, scores: torch.Tensor, probs: torch.Tensor, sims: torch.Tensor
-                ) -> RouteDecision:
+    def _decide(self, scores: torch.Tensor, probs: torch.Tensor, sims: torch.Tensor,
+                exact: int | None = None) -> RouteDecision:
+        if exact is not None:
+            probs = probs.clone()
+            probs[exact] = 1.0  # known verbatim: certain, whatever its near-duplicates score
+            others = [j for j in range(len(self.skills)) if j != exact]
+            order = [exact] + sorted(others, key=lambda j: -float(probs[j]))
+            cands = [(self.skills[j], float(probs[j])) for j in order]
+            margin = 1.0 - (cands[1][1] if len(cands) > 1 else 0.0)
+            return RouteDecision(self.skills[exact], 1.0, cands, margin, False,
+                                 "registered instruction (verbatim)", self.name)
         order = torch.argsort(probs, descending=True, stable=True).tolist()
         cands = [(self.skills[j], float(probs[j])) for j in order]
         conf = cands[0][1]
@@ -266,3 +292,24 @@ def timed_route(router: Router, instruction: str, observation=None) -> tuple[Rou
     t0 = time.perf_counter()
     d = router.route(instruction, observation)
     return d, time.perf_counter() - t0
+
+
+class TextEmbeddingHook:
+    """Admission hook (``policy_server.merge.hooks.AdmissionHook`` protocol) that embeds the skill's
+    instructions once at admission, so servers load ``router::text::*`` instead of re-embedding.
+    It reads no tensor (``wants`` is always False)."""
+
+    name = "text_embeddings"
+
+    def __init__(self, instructions: list[str], embedder: Embedder, description: str = ""):
+        self.texts = skill_texts({"instructions": list(instructions), "description": description})
+        self.embedder = embedder
+
+    def wants(self, key: str) -> bool:
+        return False
+
+    def on_tensor(self, key, expert, tau) -> None:  # pragma: no cover - never wanted
+        pass
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        return text_router_artifacts(self.texts, self.embedder) if self.texts else {}

@@ -106,11 +106,23 @@ def test_every_option_has_help(name):
     ("magmax", {"lam": 0.0}, "lam must be in"),
     ("opcm", {"alpha": 1.0}, r"alpha must be in \[0.0, 1.0\)"),
     ("ties", {"threshold": 20}, "has no option"),
+    ("dare", {"rescale": "maybe"}, "rescale must be true or false"),
+    ("opcm", {"zero_diagonal": 2}, "zero_diagonal must be true or false"),
+    ("resmerge", {"rank_topk": 1.5}, "rank_topk must be an integer"),
 ])
 def test_bad_options_raise_input_error(name, options, message):
     cls = get_method(name)
     with pytest.raises(InputError, match=message):
         build_options(cls, options)
+
+
+def test_string_option_values_are_parsed_not_truthy():
+    # a CLI / JSON layer may hand over strings: "false" must not become True
+    assert make("dare", rescale="false").options.rescale is False
+    assert make("opcm", zero_diagonal="0").options.zero_diagonal is False
+    assert make("resmerge", rank_topk="3").options.rank_topk == 3
+    assert make("ties", density="0.3").options.density == 0.3
+    assert make("tall", head_patterns="a.*, b.*").options.head_patterns == ["a.*", "b.*"]
 
 
 def test_shape_mismatch_names_tensor():
@@ -206,6 +218,30 @@ def test_ties_tensor_trim_differs_from_global():
     assert_close(m.merge_tensor(TensorContext("b", (4,)), GLOBAL_B).core, [1.0, 0.0, 4.5, 8.0])
 
 
+def test_ties_trim_keeps_entries_tied_with_the_kth_largest():
+    # k = int(0.5 * 4) = 2 -> threshold |.| = 1, both 1s survive (FusionBench's >= kthvalue rule)
+    res = make("ties", density=0.5).merge_tensor(TensorContext("v", (4,)),
+                                                 [T([3.0, 1.0, -1.0, 0.5])])
+    assert_close(res.core, [3.0, 1.0, -1.0, 0.0])
+
+
+def test_ties_global_observe_pass_checks_and_restarts():
+    m = make("ties", density=0.5, trim_scope="global")
+    ca = TensorContext("a", (4,))
+    m.observe_tensor(ca, GLOBAL_A)
+    with pytest.raises(StateError, match="observed twice"):
+        m.observe_tensor(ca, GLOBAL_A)
+    with pytest.raises(StateError, match="has 1 task vectors"):
+        m.observe_tensor(TensorContext("b", (4,)), GLOBAL_B[:1])
+    m.merge_tensor(ca, GLOBAL_A)
+    with pytest.raises(StateError, match="not in the observe pass"):
+        m.merge_tensor(TensorContext("c", (4,)), GLOBAL_A)
+    # a second run with the same instance starts a fresh histogram: now A alone is ranked
+    # (k = 2 of 4 per task) and task 1 keeps 0.3 and 0.4
+    m.observe_tensor(ca, GLOBAL_A)
+    assert_close(m.merge_tensor(ca, GLOBAL_A).core, [8.0, 7.0, 0.3, 0.4])
+
+
 def test_ties_global_trim_without_observe_pass_is_an_error():
     m = make("ties", trim_scope="global")
     with pytest.raises(StateError, match="observe pass"):
@@ -242,7 +278,11 @@ def test_dare_is_deterministic_per_seed_and_tensor_name_not_order():
     other_seed = make("dare", seed=8, p=0.5).merge_tensor(ca, [a, b]).core
     assert not torch.equal(ra1, other_seed)
     # the same values under another tensor name get another mask
-    assert not torch.equal((dare_drop(a, 0.5, True, 1) != 0), (dare_drop(a, 0.5, True, 2) != 0))
+    same_values_other_name = make("dare", seed=7, p=0.5).merge_tensor(cb, [a, b]).core
+    assert not torch.equal(ra1, same_values_other_name)
+    # dare_drop itself is a pure function of its seed
+    assert torch.equal(dare_drop(a, 0.5, True, 1), dare_drop(a, 0.5, True, 1))
+    assert not torch.equal(dare_drop(a, 0.5, True, 1), dare_drop(a, 0.5, True, 2))
 
 
 def test_dare_p0_equals_task_arithmetic_and_ties():
@@ -346,6 +386,18 @@ def test_tsv_whitened_factors_are_orthonormal():
     assert_close(torch.linalg.svdvals(res.core), s.sort(descending=True).values, atol=1e-4)
 
 
+def test_tsv_more_tasks_than_directions_still_whitens_rows():
+    # min(m, n) = 2 < N = 3: one direction per task, 3 > 2 columns -> orthonormal rows
+    g = torch.Generator().manual_seed(5)
+    taus = [torch.randn(2, 5, generator=g) for _ in range(3)]
+    u_o, s, v_o = tsv_factors(taus)
+    assert u_o.shape == (2, 3) and s.shape == (3,) and v_o.shape == (5, 3)
+    assert_close(u_o @ u_o.T, torch.eye(2), atol=1e-5)
+    assert_close(v_o.T @ v_o, torch.eye(3), atol=1e-5)
+    # each task's leading singular value is kept
+    assert_close(s, torch.stack([torch.linalg.svdvals(t)[0] for t in taus]), atol=1e-5)
+
+
 def test_tsv_vectors_and_mean_patterns_are_averaged():
     res = make("tsv").merge_tensor(TensorContext("b", (2,)), [T([1.0, 2.0]), T([3.0, 4.0])])
     assert_close(res.core, [2.0, 3.0])
@@ -395,6 +447,23 @@ def test_resmerge_spherical_consensus_hand_computed(name, family):
     assert res.info["beta"] == pytest.approx(beta, abs=1e-5)
 
 
+def test_resmerge_partial_head_agreement_scales_the_correction():
+    # tau_1 = 5 E11 + E22; tau_2 rows (3, 4, 0) and (-0.8, 0.6, 0) are orthogonal, so its head is
+    # e1 (3, 4, 0) (s = 5) and residual e2 (-0.8, 0.6, 0) (s = 1); heads' cosine = 3/5
+    taus = [torch.diag(T([5.0, 1.0, 0.0])),
+            T([[3.0, 4.0, 0.0], [-0.8, 0.6, 0.0], [0.0, 0.0, 0.0]])]
+    r1 = torch.zeros(3, 3); r1[1, 1] = 1.0
+    r2 = torch.zeros(3, 3); r2[1, 0], r2[1, 1] = -0.8, 0.6
+    c = 1.6 / math.sqrt(3.2)                 # <q_i, q> for q = (r1 + r2) / sqrt(2 + 2 * 0.6)
+    eff = c ** 1.0 * 1.0                     # non-attention key: beta = beta_max; mean norm 1
+    expected = (r1 + r2) / math.sqrt(3.2) * eff
+    head_dir = torch.zeros(3, 3); head_dir[0, 0], head_dir[0, 1] = 4.0, 2.0   # mean head
+    expected += head_dir / math.sqrt(20.0) * (0.2 * 0.6 * eff)
+    res = make("resmerge").merge_tensor(TensorContext("layers.0.conv.weight", (3, 3)), taus)
+    assert res.info["head_agreement"] == pytest.approx(0.6, abs=1e-6)
+    assert_close(res.core, expected, atol=1e-5)
+
+
 def test_resmerge_incoherent_residuals_fall_back_to_mean():
     # residuals E22, 2 E33, -0.6 E22 + 0.8 E44: coherence ~0.447 <= 1/sqrt(3) -> mean
     taus = [torch.diag(T([5.0, 1.0, 0.0, 0.0])), torch.diag(T([5.0, 0.0, 2.0, 0.0])),
@@ -411,7 +480,8 @@ def test_resmerge_embeddings_and_vectors_are_averaged():
     taus = [T([[1.0, 2.0], [3.0, 4.0]]), T([[3.0, 0.0], [1.0, 0.0]])]
     res = make("resmerge").merge_tensor(TensorContext("model.embed_tokens.weight", (2, 2)), taus)
     assert_close(res.core, [[2.0, 1.0], [2.0, 2.0]])
-    res = make("resmerge").merge_tensor(TensorContext("x.bias", (2,)), [T([1.0, 0.0]), T([0.0, 1.0])])
+    res = make("resmerge").merge_tensor(TensorContext("x.bias", (2,)),
+                                        [T([1.0, 0.0]), T([0.0, 1.0])])
     assert_close(res.core, [0.5, 0.5])
 
 
@@ -501,3 +571,14 @@ def test_opcm_vectors_sum_then_rescale_with_carried_lambda():
     assert_close(results[2].core, T([7.0, 6.0]) * (5 / math.sqrt(85)), atol=1e-5)
     one_shot = make("opcm").merge_tensor(TensorContext("x.bias", (2,)), [b1, b2, b3])
     assert_close(one_shot.core, results[2].core)
+
+
+def test_opcm_tensor_first_touched_later_counts_earlier_zero_task_vectors():
+    # earlier experts left the tensor untouched (zero tau): mean norm = 5 / 2 at t = 2
+    m = make("opcm")
+    res = m.admit_tensor(TensorContext("x.bias", (2,)), T([3.0, 4.0]), TensorState(), 2, "s2")
+    assert_close(res.core, [1.5, 2.0])
+    assert float(res.aux[LAM_KEY][0]) == pytest.approx(2.0)
+    with pytest.raises(StateError, match="lacks"):
+        m.admit_tensor(TensorContext("x.bias", (2,)), T([3.0, 4.0]),
+                       TensorState(core=T([1.0, 1.0])), 2, "s2")

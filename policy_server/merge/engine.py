@@ -201,6 +201,14 @@ def summarize_tensors(records: dict[str, dict], unchanged: int = 0) -> dict:
 # ------------------------------------------------------------------------------------------------
 # admission
 
+def state_method(state_dir) -> str | None:
+    """Name of the method an existing state was created with (None when there is no state)."""
+    store = _open_store(state_dir)
+    if not store.exists():
+        return None
+    return (store.open().manifest.get("method") or {}).get("name")
+
+
 def _resolve_method(method: str, options: dict | None, manifest: dict | None, state_dir
                     ) -> tuple[type[MergeMethod], Any]:
     """Method class + options object; checks against an existing state's manifest."""
@@ -225,14 +233,14 @@ def _resolve_method(method: str, options: dict | None, manifest: dict | None, st
 
 
 def admit(state_dir, base_dir, expert_dir, skill: str, instructions: Sequence[str] = (),
-          description: str = "", method: str = "carve", options: dict | None = None,
+          description: str = "", method: str | None = "carve", options: dict | None = None,
           replace: bool = False, allow_pickle: bool = False, allow_dtype_mismatch: bool = False,
           dense_patterns: Sequence[str] = (), store_dtype: str | None = None,
           hooks: Sequence[AdmissionHook] = (), progress: bool = True, seed: int = 0) -> dict:
     """Admit one expert (full checkpoint or PEFT LoRA adapter) into the merge state ``state_dir``.
 
     The first admission creates the state with ``method`` + ``options`` (and ``store_dtype``,
-    default float32); later ones must name the same method, and any option given again must equal
+    default float32); later ones must name the same method (``method=None``: the state's), and any option given again must equal
     the stored one. ``replace=True`` re-admits an existing skill (see the module docstring: the
     core keeps the old contribution). Returns a report dict: version, skill, t, method, storage
     (the store's accounting of the new version), tensors (summary of ranks/errors per kind),
@@ -251,6 +259,8 @@ def admit(state_dir, base_dir, expert_dir, skill: str, instructions: Sequence[st
     store = _open_store(state_dir)
     parent = store.open() if store.exists() else None
     manifest = parent.manifest if parent is not None else None
+    if method is None:  # the state's method, or CARVE for a new state
+        method = ((manifest or {}).get("method") or {}).get("name") or "carve"
     method_cls, opts = _resolve_method(method, options, manifest, state_dir)
     if not method_cls.continual:
         raise InputError(f"method {method_cls.name!r} is one-shot: it merges all experts at once; "
@@ -300,6 +310,7 @@ def admit(state_dir, base_dir, expert_dir, skill: str, instructions: Sequence[st
         old_aux.setdefault(key, {})[sub] = tensor
     del old_aux_flat
 
+    core_dtype = STORE_DTYPES[store_dtype]
     new_core: dict[str, torch.Tensor] = {}
     new_aux: dict[str, torch.Tensor] = {}
     entries: dict[str, ResidualEntry] = {}
@@ -328,7 +339,9 @@ def admit(state_dir, base_dir, expert_dir, skill: str, instructions: Sequence[st
         res = meth.admit_tensor(ctx, tau, state, t, skill)
         del tau, state
         if res.core is not None:
-            new_core[key] = res.core.detach().contiguous()
+            # cast to the storage dtype right away: the store would do it on write anyway, and a
+            # bf16 state then holds its new core in half the memory of a float32 one
+            new_core[key] = res.core.detach().to(core_dtype).contiguous()
         for sub, a in (res.aux or {}).items():
             new_aux[f"{key}{AUX_SEP}{sub}"] = a.detach().contiguous()
         if res.entry is not None:
@@ -520,7 +533,7 @@ def merge(method: str, base_dir, expert_dirs: Sequence, out_dir, options: dict |
                 b = base.get(key)
                 writer.add(key, b if c is None else (b.float() + c).to(b.dtype))
             elif c is not None:
-                core[key] = c.detach().contiguous()
+                core[key] = c.detach().to(STORE_DTYPES[store_dtype]).contiguous()
         if writer is not None:
             writer.close()
     except BaseException:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -400,4 +399,4 @@ def num_parameters(module: nn.Module) -> int:
 
 
 __all__ = ["DemoVLAConfig", "DemoVLAModule", "DemoVLABackend", "MODEL_TYPE", "hash_tokenize",
-           "num_parameters", "math"]
+           "num_parameters"]

@@ -24,6 +24,7 @@ from policy_server.merge.methods.base import (
     register_method,
 )
 from policy_server.merge.methods.task_arithmetic import (
+    check_bool,
     check_choice,
     check_float,
     check_taus,
@@ -57,7 +58,7 @@ class DareOptions:
         "scaling of the combined task vector; default 0.3 with --combine ta, 1.0 with ties")})
     ties_density: float = field(default=1.0, metadata={"help": (
         "combine=ties only: additional TIES top-k trim after the drop (1.0 = none, as mergekit "
-        "dare_ties; FusionBench's dare_ties_merging trims again with its threshold)")})
+        "dare_ties; FusionBench's DareTiesMerging trims again: threshold 20 = 0.2)")})
     consensus: str = field(default="mass", metadata={"help": (
         "combine=ties only: sign election 'mass' or 'count' (see ties)")})
     merge_func: str = field(default="mean", metadata={"help": (
@@ -72,7 +73,7 @@ class DareOptions:
                                         lo_open=True)
         check_choice("dare", "consensus", self.consensus, CONSENSUS)
         check_choice("dare", "merge_func", self.merge_func, MERGE_FUNCS)
-        self.rescale = bool(self.rescale)
+        self.rescale = check_bool("dare", "rescale", self.rescale)
 
     @property
     def effective_lam(self) -> float:
@@ -97,7 +98,7 @@ class Dare(MergeMethod):
     """DARE drop-and-rescale followed by task arithmetic or TIES. No per-skill entries."""
 
     name = "dare"
-    aliases = ("dare-ta", "dare-linear")
+    aliases = ()
     options_cls = DareOptions
     continual = False
     per_skill = False
@@ -109,7 +110,7 @@ class Dare(MergeMethod):
                 for i, tau in enumerate(taus)]
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
-        """taus: N float32 tensors of shape ctx.shape -> core (ctx.shape float32), N None entries."""
+        """taus: N float32 tensors, shape ctx.shape -> core (float32 ctx.shape), N None entries."""
         taus = check_taus(self.name, ctx, taus)
         o = self.options
         d = torch.stack(self.dropped(ctx, taus))

@@ -8,10 +8,10 @@ Online (continual), only the current core is carried: with ``M_{t-1} = C_{t-1} /
 
 which equals the offline result after any number of admissions (strict ``>``: earlier experts win
 ties, like ``argmax``; bit-exact when lam is a power of two, otherwise values within one rounding
-of a tie may pick the other expert). Untouched coordinates keep their exact stored value (no divide/multiply
-round trip). The paper fine-tunes the experts *sequentially* (each from the previous expert);
-that is a training-side choice: here ``tau_t = theta_t - theta0`` whatever produced ``theta_t``.
-No per-skill entries.
+of a tie may pick the other expert). Untouched coordinates keep their exact stored value (no
+divide/multiply round trip). The paper fine-tunes the experts *sequentially* (each from the
+previous expert); that is a training-side choice: here ``tau_t = theta_t - theta0`` whatever
+produced ``theta_t``. No per-skill entries.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class MagMax(MergeMethod):
     per_skill = False
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
-        """taus: N float32 tensors of shape ctx.shape -> core (ctx.shape float32), N None entries."""
+        """taus: N float32 tensors, shape ctx.shape -> core (float32 ctx.shape), N None entries."""
         taus = check_taus(self.name, ctx, taus)
         stacked = torch.stack(taus)
         # argmax returns the first maximal index: the earliest expert wins ties

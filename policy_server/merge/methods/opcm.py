@@ -16,8 +16,8 @@ vectors' norms. Admitting ``tau_t``:
   so ``U_r^T tau' V_r = 0`` (and ``u_i^T tau' v_i = 0`` for every i with zero_diagonal).
 * other tensors (1-D, >2-D, ``skip_patterns``): ``tau' = tau_t``.
 * adaptive scaling: ``S_t = lam_{t-1} M_{t-1} + tau'`` (= the running sum of projected task
-  vectors) and ``M_t = S_t * mean_i |tau_i| / |S_t|``, ``lam_t = |S_t| / mean_i |tau_i|``: the merged
-  delta keeps the average task-vector norm.
+  vectors) and ``M_t = S_t * mean_i |tau_i| / |S_t|``, ``lam_t = |S_t| / mean_i |tau_i|``: the
+  merged delta keeps the average task-vector norm.
 
 Difference to FusionBench: it measures the norms over the whole model (one scale for all
 tensors); a streaming per-tensor engine measures them per tensor. No per-skill entries.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from policy_server.errors import StateError
 from policy_server.merge.methods.base import (
     AdmitResult,
     MergeMethod,
@@ -38,6 +39,7 @@ from policy_server.merge.methods.base import (
     register_method,
 )
 from policy_server.merge.methods.task_arithmetic import (
+    check_bool,
     check_float,
     check_patterns,
     check_tau,
@@ -93,7 +95,7 @@ class OpcmOptions:
 
     def __post_init__(self):
         self.alpha = check_float("opcm", "alpha", self.alpha, 0.0, 1.0, hi_open=True)
-        self.zero_diagonal = bool(self.zero_diagonal)
+        self.zero_diagonal = check_bool("opcm", "zero_diagonal", self.zero_diagonal)
         self.skip_patterns = check_patterns("opcm", "skip_patterns", self.skip_patterns)
 
 
@@ -116,22 +118,28 @@ class Opcm(MergeMethod):
         """tau: float32 ctx.shape -> new core (float32 ctx.shape) and aux {lambda, norm_sum}."""
         tau = check_tau(self.name, ctx, tau)
         o = self.options
-        tau_norm = float(tau.norm())
-        if state.core is None or t <= 1:
-            return AdmitResult(core=tau.clone(),
-                               aux={LAM_KEY: torch.tensor([1.0]),
-                                    NORM_SUM_KEY: torch.tensor([tau_norm])},
-                               info={"kind": "opcm", "t": int(t), "rank": 0})
-        merged = state.core.float()
-        prev_lam = float(state.aux[LAM_KEY][0]) if LAM_KEY in state.aux else 1.0
-        norm_sum = (float(state.aux[NORM_SUM_KEY][0]) if NORM_SUM_KEY in state.aux
-                    else float(merged.norm()) * (t - 1)) + tau_norm
+        if t < 1:
+            raise StateError(f"opcm: admission number must be >= 1, got {t}")
         r = 0
-        if len(ctx.shape) == 2 and 0 not in ctx.shape and not matches_any(ctx.name,
-                                                                          o.skip_patterns):
-            cleaned, r = opcm_project(tau, merged, o.alpha, o.zero_diagonal)
-        else:
+        if state.core is None:
+            # Nothing merged into this tensor yet: earlier experts left it untouched (zero task
+            # vectors, zero norms), so the running sum starts here but the mean norm still
+            # divides by t, exactly as if zeros had been admitted.
+            merged, prev_lam, prev_norm_sum = torch.zeros(ctx.shape), 1.0, 0.0
             cleaned = tau
+        else:
+            if LAM_KEY not in state.aux or NORM_SUM_KEY not in state.aux:
+                raise StateError(f"opcm: carried state of tensor {ctx.name!r} lacks "
+                                 f"{LAM_KEY!r}/{NORM_SUM_KEY!r} (written by another method?)")
+            merged = state.core.float()
+            prev_lam = float(state.aux[LAM_KEY][0])
+            prev_norm_sum = float(state.aux[NORM_SUM_KEY][0])
+            if len(ctx.shape) == 2 and 0 not in ctx.shape \
+                    and not matches_any(ctx.name, o.skip_patterns):
+                cleaned, r = opcm_project(tau, merged, o.alpha, o.zero_diagonal)
+            else:
+                cleaned = tau
+        norm_sum = prev_norm_sum + float(tau.norm())
         total = merged * prev_lam + cleaned
         avg = norm_sum / t
         total_norm = float(total.norm())
@@ -140,5 +148,6 @@ class Opcm(MergeMethod):
         else:
             core, lam = total, 1.0
         return AdmitResult(core=core,
-                           aux={LAM_KEY: torch.tensor([lam]), NORM_SUM_KEY: torch.tensor([norm_sum])},
+                           aux={LAM_KEY: torch.tensor([lam]),
+                                NORM_SUM_KEY: torch.tensor([norm_sum])},
                            info={"kind": "opcm", "t": int(t), "rank": int(r), "lambda": lam})

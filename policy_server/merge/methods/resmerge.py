@@ -39,6 +39,7 @@ from policy_server.merge.methods.base import (
 )
 from policy_server.merge.methods.task_arithmetic import (
     check_float,
+    check_int,
     check_patterns,
     check_taus,
     matches_any,
@@ -146,10 +147,7 @@ class ResMergeOptions:
         "reference's keyword list")})
 
     def __post_init__(self):
-        if isinstance(self.rank_topk, bool) or not isinstance(self.rank_topk, int) \
-                or self.rank_topk < 1:
-            raise InputError(f"resmerge: option rank_topk must be an integer >= 1, "
-                             f"got {self.rank_topk!r}")
+        self.rank_topk = check_int("resmerge", "rank_topk", self.rank_topk, 1)
         self.beta_min = check_float("resmerge", "beta_min", self.beta_min, 0.0)
         self.beta_max = check_float("resmerge", "beta_max", self.beta_max, 0.0)
         if self.beta_min > self.beta_max:
@@ -172,7 +170,7 @@ class ResMerge(MergeMethod):
     per_skill = False
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
-        """taus: N float32 tensors of shape ctx.shape -> core (ctx.shape float32), N None entries."""
+        """taus: N float32 tensors, shape ctx.shape -> core (float32 ctx.shape), N None entries."""
         taus = check_taus(self.name, ctx, taus)
         o = self.options
         if len(ctx.shape) != 2 or matches_any(ctx.name, o.mean_patterns) or 0 in ctx.shape:

@@ -50,8 +50,8 @@ class TallMaskOptions:
         "mask threshold lambda in |tau_i| > lambda * |tau_MTL - tau_i| (MergeVLA uses 0.6; "
         "TALL masks tunes it per task in [0.2, 0.6])")})
     mtl_scale: float = field(default=1.0, metadata={"help": (
-        "tau_MTL = mtl_scale * sum_i tau_i. 1.0 = the plain sum (TALL masks' default when no merged "
-        "vector is given); set it to the task-arithmetic lam to mask a scaled TA merge")})
+        "tau_MTL = mtl_scale * sum_i tau_i. 1.0 = the plain sum (TALL masks' default when no "
+        "merged vector is given); set it to the task-arithmetic lam to mask a scaled TA merge")})
     head_patterns: list[str] = field(default_factory=list, metadata={"help": (
         "glob patterns of checkpoint keys forming each skill's expert head: core = mean tau, "
         "each skill stores Dense(tau_i - core) there (runs its own head)")})

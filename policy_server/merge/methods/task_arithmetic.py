@@ -7,10 +7,10 @@ is a running sum, so admitting expert ``t`` only needs the current core::
 
 Every skill runs as ``base + core`` (no per-skill entries).
 
-``lam`` defaults to 0.3 (FusionBench's ``scaling_factor`` in its task-arithmetic configs, and the
-value the task-arithmetic paper usually selects); ``--lam 1.0`` reproduces mergekit's
-``task_arithmetic`` with ``weight: 1.0`` per model and ``normalize: false`` (its default for this
-method). See ``docs/METHODS.md``.
+``lam`` defaults to 0.3 (the value the task-arithmetic paper usually selects and FusionBench's
+CLIP-ViT example scripts and DARE config use; FusionBench's base config has 0.5); ``--lam 1.0``
+reproduces mergekit's ``task_arithmetic`` with ``weight: 1.0`` per model and ``normalize: false``
+(its default for this method). See ``docs/METHODS.md``.
 
 This module also holds the small helpers every baseline method shares (input checks, glob
 matching, deterministic per-tensor seeds, folding admissions into a one-shot merge), since task
@@ -87,6 +87,35 @@ def check_float(method: str, name: str, value, lo: float | None = None, hi: floa
     return v
 
 
+def check_bool(method: str, name: str, value) -> bool:
+    """A bool option; also accepts the strings a CLI or a JSON/YAML file may carry ('true', '0'...).
+
+    ``bool("false")`` is True, so strings must never be passed through ``bool``.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise InputError(f"{method}: option {name} must be true or false, got {value!r}")
+
+
+def check_int(method: str, name: str, value, lo: int | None = None) -> int:
+    """An integer option (ints or integral strings, not bools or floats) >= lo."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{method}: option {name} must be an integer, got {value!r}")
+    try:
+        v = int(value)
+    except ValueError:
+        raise InputError(f"{method}: option {name} must be an integer, got {value!r}") from None
+    if lo is not None and v < lo:
+        raise InputError(f"{method}: option {name} must be an integer >= {lo}, got {value!r}")
+    return v
+
+
 def check_choice(method: str, name: str, value, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise InputError(f"{method}: option {name} must be one of {list(allowed)}, got {value!r}")
@@ -106,7 +135,7 @@ def check_patterns(method: str, name: str, value) -> list[str]:
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
-    """True when the checkpoint key matches one of the shell-style glob patterns (case-sensitive)."""
+    """True when the checkpoint key matches a shell-style glob patterns (case-sensitive)."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -151,9 +180,9 @@ def fold_admissions(method: MergeMethod, ctx: TensorContext, taus: Sequence[torc
 @dataclass
 class TaskArithmeticOptions:
     lam: float = field(default=0.3, metadata={"help": (
-        "scaling of the summed task vectors: theta0 + lam * sum tau_i. 0.3 = FusionBench's "
-        "scaling_factor in its task-arithmetic configs; 1.0 = mergekit task_arithmetic with "
-        "weight 1.0 per model and normalize false; 1/N = plain averaging of N experts")})
+        "scaling of the summed task vectors: theta0 + lam * sum tau_i. 0.3 = the paper's usual "
+        "pick and FusionBench's CLIP scripts (its base config: 0.5); 1.0 = mergekit "
+        "task_arithmetic with weight 1.0 per model and normalize false; 1/N = plain averaging")})
 
     def __post_init__(self):
         self.lam = check_float("task_arithmetic", "lam", self.lam)

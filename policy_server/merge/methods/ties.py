@@ -2,7 +2,7 @@
 
 Per tensor, float32, over N task vectors ``tau_i``::
 
-    trim     t_i  = tau_i * [|tau_i| >= thr_i]      thr_i: the k-th largest |tau_i|, k = int(density*n)
+    trim     t_i  = tau_i * [|tau_i| >= thr_i]   thr_i: k-th largest |tau_i|, k = int(density * n)
     elect    s    = sign(sum_i t_i)                 ("mass"; "count": sign(sum_i sign(t_i)))
     disjoint a_i  = [sign(t_i) == s] * [s != 0]
              m    = sum_i a_i t_i / max(1, sum_i a_i)   ("mean"; "sum": no division;
@@ -12,9 +12,9 @@ Per tensor, float32, over N task vectors ``tau_i``::
 Zeros never survive the trim (a zero carries no sign). ``trim_scope="tensor"`` (mergekit) ranks
 each task vector within the tensor; ``trim_scope="global"`` (FusionBench) ranks each task vector
 over *all* merged tensors, which needs a first pass (``observe_tensor``). That pass keeps, per
-task, a histogram of ``log2 |tau|`` with ``BINS_PER_OCTAVE`` bins per octave (a few 10 KB in all),
+task, a histogram of ``log2 |tau|`` with ``BINS_PER_OCTAVE`` bins per octave (128 KiB per task),
 never the tensors; the threshold is the lower edge of the bin holding the k-th largest value, so
-it is exact up to a factor ``2**(1/64)`` (~1.1 %), and a tensor's trim is decided by comparing
+it is exact up to a factor ``2**(1/256)`` (~0.27 %), and a tensor's trim is decided by comparing
 bin indices computed the same way in both passes (no float edge disagreement).
 """
 
@@ -40,7 +40,7 @@ MERGE_FUNCS = ("mean", "sum", "max")
 #: histogram of log2|tau| for the global trim: bins per octave and covered octaves. Values below
 #: 2**LOG2_MIN fall in bin 0 and above 2**LOG2_MAX in the last bin (float32 deltas of real
 #: checkpoints live well inside this range).
-BINS_PER_OCTAVE = 64
+BINS_PER_OCTAVE = 256
 LOG2_MIN = -48.0
 LOG2_MAX = 16.0
 N_BINS = int((LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE)
@@ -60,7 +60,8 @@ def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0 or n == 0:
         return torch.zeros_like(tau, dtype=torch.bool)
     mag = tau.abs().reshape(-1)
-    thr = torch.topk(mag, k, largest=True, sorted=False).values.min()
+    # the k-th largest = the (n-k+1)-th smallest; kthvalue is a selection, not a sort
+    thr = torch.kthvalue(mag, n - k + 1).values
     return (tau.abs() >= thr) & (tau != 0)
 
 
@@ -103,7 +104,7 @@ def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -
 class TiesOptions:
     density: float = field(default=0.2, metadata={"help": (
         "fraction of each task vector's entries kept by the trim (top-k by |tau|); 0.2 = the TIES "
-        "paper's k=20% and FusionBench's threshold=20; mergekit has no default")})
+        "paper's k=20% and FusionBench's threshold=20 (mergekit's default 1.0 = no trim)")})
     trim_scope: str = field(default="tensor", metadata={"help": (
         "'tensor': rank |tau| within each tensor (mergekit); 'global': rank each task vector "
         "over all merged tensors (FusionBench; needs an extra streaming pass that keeps only a "
@@ -113,10 +114,10 @@ class TiesOptions:
         "mergekit 'sum') or 'count' (majority of signs: mergekit 'count')")})
     merge_func: str = field(default="mean", metadata={"help": (
         "disjoint merge of the sign-agreeing values: 'mean' (paper; mergekit normalize=true), "
-        "'sum' (mergekit normalize=false) or 'max' (FusionBench merge_func=max)")})
+        "'sum' (mergekit normalize=false; FusionBench's config default) or 'max'")})
     lam: float = field(default=1.0, metadata={"help": (
         "scaling of the merged task vector (paper lambda, mergekit lambda default 1.0; "
-        "FusionBench's configs use scaling_factor 0.3)")})
+        "FusionBench's config: scaling_factor 0.5 with merge_func sum)")})
 
     def __post_init__(self):
         self.density = check_float("ties", "density", self.density, 0.0, 1.0, lo_open=True)
@@ -188,6 +189,9 @@ class Ties(MergeMethod):
         """(N, *ctx.shape) float32 trimmed task vectors."""
         if self.options.trim_scope == "global":
             thr = self._global_thresholds()
+            if ctx.name not in self._observed:
+                raise StateError(f"ties: tensor {ctx.name!r} was not in the observe pass, so the "
+                                 f"global threshold does not account for it")
             if thr.shape[0] != len(taus):
                 raise StateError(f"ties: tensor {ctx.name!r} has {len(taus)} task vectors, the "
                                  f"observe pass saw {thr.shape[0]}")
@@ -195,7 +199,7 @@ class Ties(MergeMethod):
         return torch.stack([t * topk_mask(t, self.options.density) for t in taus])
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
-        """taus: N float32 tensors of shape ctx.shape -> core (ctx.shape float32), N None entries."""
+        """taus: N float32 tensors, shape ctx.shape -> core (float32 ctx.shape), N None entries."""
         taus = check_taus(self.name, ctx, taus)
         trimmed = self.trim(ctx, taus)
         sign = elect_sign(trimmed, self.options.consensus)

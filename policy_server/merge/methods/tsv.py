@@ -96,7 +96,7 @@ class Tsv(MergeMethod):
     per_skill = False
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
-        """taus: N float32 tensors of shape ctx.shape -> core (ctx.shape float32), N None entries."""
+        """taus: N float32 tensors, shape ctx.shape -> core (float32 ctx.shape), N None entries."""
         taus = check_taus(self.name, ctx, taus)
         o = self.options
         if len(ctx.shape) != 2 or matches_any(ctx.name, o.mean_patterns) or 0 in ctx.shape:

@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Merge benchmark: CARVE admission of 4 experts into a Qwen2-0.5B-shaped model.
+
+Builds a random-weight base checkpoint with the tensor shapes of transformers' ``Qwen2Config`` for
+Qwen2-0.5B (``--small``: a 4-layer, hidden-256 model for a quick run), and N experts as perturbed
+copies: per matrix a shared low-rank update (common to all experts, so CARVE's core has something
+to share), a per-expert low-rank update and a sparse update; small dense noise on 1-D tensors.
+Then it admits the experts one by one with ``carve admit`` in a subprocess and prints:
+
+* admission wall time per expert;
+* peak RSS of each admission (``os.wait4`` rusage of that child, and a psutil sampler) relative to
+  one checkpoint's size on disk: streaming admission should stay near ``state + a few tensors``;
+* storage of the state as a fraction of the expert bank after each admission;
+* exact (``torch.linalg.svd``) vs randomized (``torch.svd_lowrank``) truncated-SVD time and
+  relative error on matrices of the model's shapes.
+
+Usage: ``python bench/bench_merge.py --small`` (seconds to a minute) or
+``python bench/bench_merge.py`` (Qwen2-0.5B shapes, ~2 GB per bf16 checkpoint on disk: minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from policy_server.merge.checkpoint import CheckpointWriter  # noqa: E402
+from policy_server.merge.lowrank import truncated_svd  # noqa: E402
+
+# `carve` run by this interpreter (no dependence on the console script being on PATH)
+CARVE_CMD = [sys.executable, "-c",
+             "import sys; from policy_server.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+CONFIGS = {
+    # Qwen2-0.5B (Qwen/Qwen2-0.5B config.json)
+    "qwen2-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                       max_position_embeddings=32768, tie_word_embeddings=True),
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True),
+}
+
+
+def model_shapes(cfg_kwargs: dict) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """State-dict shapes of a Qwen2ForCausalLM built on the meta device (no memory)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**cfg_kwargs)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    sd = model.state_dict()
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # save_pretrained drops the tied copy as well
+    return {k: tuple(v.shape) for k, v in sd.items()}, cfg.to_dict()
+
+
+def _rand(shape, gen, scale):
+    return torch.randn(shape, generator=gen) * scale
+
+
+def write_family(work: Path, shapes: dict, cfg: dict, n_experts: int, dtype: torch.dtype,
+                 shared_rank: int, task_rank: int, sparse: float, seed: int = 0) -> list[Path]:
+    """Write base/ and expert{i}/ checkpoints, streaming tensor by tensor (one tensor + its
+    N perturbations in RAM)."""
+    from tqdm.auto import tqdm
+
+    dirs = [work / "base"] + [work / f"expert{i}" for i in range(n_experts)]
+    cfg_dir = work / "_cfg"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    writers = [CheckpointWriter(d, max_shard_bytes=1 << 30, template_dir=cfg_dir, overwrite=True)
+               for d in dirs]
+    g = torch.Generator().manual_seed(seed)
+    try:
+        for key in tqdm(sorted(shapes), desc="write checkpoints", unit="tensor"):
+            shape = shapes[key]
+            fan = shape[-1] if len(shape) > 1 else 1
+            w = _rand(shape, g, 1.0 / math.sqrt(fan)) if len(shape) > 1 else 1.0 + _rand(shape, g, 0.02)
+            writers[0].add(key, w.to(dtype))
+            if len(shape) == 2:
+                m, n = shape
+                scale = 0.02 / math.sqrt(fan)
+                shared = _rand((m, shared_rank), g, scale) @ _rand((shared_rank, n), g, 1.0)
+            for i in range(n_experts):
+                if len(shape) == 2:
+                    d = shared + _rand((m, task_rank), g, scale) @ _rand((task_rank, n), g, 1.0)
+                    mask = torch.rand(shape, generator=g) < sparse
+                    d += mask * _rand(shape, g, 5 * scale)
+                else:
+                    d = _rand(shape, g, 0.005)
+                writers[i + 1].add(key, (w + d).to(dtype))
+        for wr in writers:
+            wr.close()
+    except BaseException:
+        for wr in writers:
+            wr.abort()
+        raise
+    return dirs
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def run_admission(cmd: list[str]) -> tuple[dict, float, int, int]:
+    """Run one ``carve admit --json`` child; returns (report, wall s, peak RSS from wait4 bytes,
+    peak RSS sampled by psutil bytes)."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        try:
+            p = psutil.Process(proc.pid)
+            while not stop.is_set():
+                peak[0] = max(peak[0], p.memory_info().rss)
+                time.sleep(0.05)
+        except psutil.Error:
+            pass
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out_chunks, err_chunks = [], []
+    # read pipes in threads so a chatty child cannot block on a full pipe before we wait4 it
+    readers = [threading.Thread(target=lambda s=s, b=b: b.append(s.read()), daemon=True)
+               for s, b in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
+    for r in readers:
+        r.start()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    for r in readers:
+        r.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"admission failed (rc {proc.returncode}):\n{''.join(err_chunks)[-4000:]}")
+    # ru_maxrss is in KiB on Linux
+    return json.loads("".join(out_chunks)), wall, int(rusage.ru_maxrss) * 1024, peak[0]
+
+
+def svd_bench(shapes: dict, rank: int, reps: int, seed: int = 0) -> list[dict]:
+    """Exact vs randomized rank-``rank`` SVD on residual-like matrices of the model's shapes."""
+    g = torch.Generator().manual_seed(seed)
+    picks = {}
+    for k, s in shapes.items():
+        if len(s) == 2 and "embed" not in k:
+            picks.setdefault(s, k)
+    rows = []
+    for shape, key in sorted(picks.items(), key=lambda kv: kv[0][0] * kv[0][1]):
+        m, n = shape
+        # residual-like: decaying spectrum (low-rank part) + sparse spikes + small noise
+        R = (torch.randn(m, 32, generator=g) @ torch.randn(32, n, generator=g) * 0.1
+             + (torch.rand(m, n, generator=g) < 0.02) * torch.randn(m, n, generator=g) * 0.5
+             + torch.randn(m, n, generator=g) * 0.01)
+        row = {"tensor": key, "shape": list(shape)}
+        for method in ("exact", "randomized"):
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                lr = truncated_svd(R, rank=rank, method=method)
+                times.append(time.perf_counter() - t0)
+            err = float(torch.linalg.vector_norm(R - lr.P @ lr.Q) / torch.linalg.vector_norm(R))
+            row[method] = {"s": min(times), "rel_error": err}
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="qwen2-0.5b")
+    ap.add_argument("--small", action="store_true", help="shorthand for --config small")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the number of layers (same per-layer shapes, faster)")
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=64, help="CARVE residual rank")
+    ap.add_argument("--svd", default="auto", choices=("auto", "exact", "randomized"))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--store-dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--shared-rank", type=int, default=16)
+    ap.add_argument("--task-rank", type=int, default=16)
+    ap.add_argument("--sparse", type=float, default=0.01, help="fraction of sparse updates")
+    ap.add_argument("--svd-reps", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="where to write checkpoints (default: tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--json-out", default=None, help="also write all figures to this JSON file")
+    args = ap.parse_args(argv)
+    name = "small" if args.small else args.config
+    cfg_kwargs = dict(CONFIGS[name])
+    if args.layers:
+        cfg_kwargs["num_hidden_layers"] = args.layers
+    shapes, cfg = model_shapes(cfg_kwargs)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    print(f"config {name}: {len(shapes)} tensors, {n_params / 1e6:.1f}M params, "
+          f"{args.experts} experts, rank {args.rank}, checkpoint dtype {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}")
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="carve-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"config": name, "params": n_params, "experts": [], "svd": []}
+    try:
+        t0 = time.perf_counter()
+        dirs = write_family(work, shapes, cfg, args.experts, getattr(torch, args.dtype),
+                            args.shared_rank, args.task_rank, args.sparse)
+        ck_bytes = dir_bytes(dirs[0])
+        results["checkpoint_bytes"] = ck_bytes
+        print(f"wrote base + {args.experts} experts in {time.perf_counter() - t0:.1f}s; one "
+              f"checkpoint = {ck_bytes / 2**20:.1f} MiB")
+
+        state = work / "state"
+        print(f"\n{'skill':<8} {'wall s':>8} {'peak RSS MiB':>13} {'RSS/ckpt':>9} "
+              f"{'sampled':>8} {'state/bank':>10} {'rank':>6} {'rel_err':>8} {'version':>9}")
+        for i, edir in enumerate(dirs[1:]):
+            cmd = [*CARVE_CMD, "admit", str(state), "--base",
+                   str(dirs[0]), "--expert", str(edir), "--skill", f"skill{i}", "--json",
+                   "--no-progress", "--store-dtype", args.store_dtype]
+            if i == 0:  # method options are fixed by the first admission
+                cmd += ["--rank", str(args.rank), "--svd", args.svd]
+            rep, wall, rss, sampled = run_admission(cmd)
+            frac = rep.get("storage", {}).get("fraction_of_bank")
+            s = rep["tensors"]
+            row = {"skill": rep["skill"], "wall_s": wall, "engine_wall_s": rep["wall_s"],
+                   "peak_rss_bytes": rss, "rss_over_ckpt": rss / ck_bytes,
+                   "sampled_rss_bytes": sampled, "fraction_of_bank": frac,
+                   "rank_mean": s.get("rank_mean"), "rel_error_mean": s.get("rel_error_mean"),
+                   "version": rep["version"], "storage": rep.get("storage")}
+            results["experts"].append(row)
+            print(f"{rep['skill']:<8} {wall:8.1f} {rss / 2**20:13.0f} {rss / ck_bytes:9.2f} "
+                  f"{sampled / ck_bytes:8.2f} "
+                  f"{(f'{100 * frac:.1f}%' if frac is not None else 'n/a'):>10} "
+                  f"{(s.get('rank_mean') or 0):6.1f} {(s.get('rel_error_mean') or 0):8.4f} "
+                  f"{rep['version']:>9}")
+
+        print(f"\nrank-{args.rank} truncated SVD, exact vs randomized (best of {args.svd_reps}):")
+        print(f"{'shape':>12} {'exact s':>8} {'err':>7} {'rand s':>8} {'err':>7} {'speedup':>8}")
+        for row in svd_bench(shapes, args.rank, args.svd_reps):
+            results["svd"].append(row)
+            e, r = row["exact"], row["randomized"]
+            print(f"{'x'.join(map(str, row['shape'])):>12} {e['s']:8.3f} {e['rel_error']:7.4f} "
+                  f"{r['s']:8.3f} {r['rel_error']:7.4f} {e['s'] / max(r['s'], 1e-9):8.1f}x")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

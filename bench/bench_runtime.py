@@ -1,0 +1,209 @@
+"""Benchmark of the policy runtime: per-step latency of core-only / side path / fused weights,
+fused skill-switch time, and MicroBatcher throughput for 8 concurrent episodes (mixed vs same skill).
+
+The model is a transformer-shaped stack with realistic Linear widths (d_model x d_model attention
+projections, d_model x 4 d_model MLP), every Linear weight carrying a rank-``--rank`` residual per
+skill. Example (what docs/RUNTIME.md quotes):
+
+    python bench/bench_runtime.py --dim 1024 --layers 4 --tokens 16 --rank 32 --skills 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policy_server.merge.entries import LowRank
+from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
+from policy_server.runtime import MicroBatcher, PolicyRuntime
+
+STATE, CHUNK, ACT = 32, 8, 7
+
+
+class Block(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = max(1, d // 64)
+
+    def forward(self, x):  # (B, L, d)
+        b, n, d = x.shape
+        h = self.ln1(x)
+        split = lambda t: t.view(b, n, self.heads, -1).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        x = x + self.o(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class BenchNet(nn.Module):
+    def __init__(self, d: int, layers: int, tokens: int):
+        super().__init__()
+        self.tokens, self.d = tokens, d
+        self.state_proj = nn.Linear(STATE, tokens * d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, CHUNK * ACT)
+
+    def forward(self, state):
+        x = self.state_proj(state).view(-1, self.tokens, self.d)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x).mean(1)).view(-1, CHUNK, ACT)
+
+
+class BenchBackend(PolicyBackend):
+    def __init__(self, d, layers, tokens):
+        torch.manual_seed(0)
+        self.module = BenchNet(d, layers, tokens)
+        self.spec = PolicySpec(state_dim=STATE, action_dim=ACT, chunk_length=CHUNK,
+                               action_low=[-1e3] * ACT, action_high=[1e3] * ACT, name="bench")
+
+    @classmethod
+    def load(cls, path, device="cpu", dtype=torch.float32):
+        raise NotImplementedError
+
+    def predict(self, batch):
+        p = self.module.head.weight
+        return self.module(torch.from_numpy(batch.state).to(p.device, p.dtype)).float()
+
+
+class Snap:
+    """Core on every tensor, rank-r residual on every Linear weight of every block, per skill."""
+
+    def __init__(self, module: nn.Module, skills: int, rank: int):
+        g = torch.Generator().manual_seed(1)
+        sd = module.state_dict()
+        self.version, self.manifest = "bench", {}
+        self._core = {k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in sd.items()}
+        targets = [k for k, v in sd.items() if k.startswith("blocks.") and v.dim() == 2]
+        self._res = {f"skill{i}": {k: LowRank(torch.randn(sd[k].shape[0], rank, generator=g) * 1e-2,
+                                              torch.randn(rank, sd[k].shape[1], generator=g) * 1e-2)
+                                   for k in targets} for i in range(skills)}
+
+    def skill_names(self):
+        return list(self._res)
+
+    def core(self):
+        return self._core
+
+    def residuals(self, name):
+        return self._res[name]
+
+
+def obs(n: int, seed: int = 0) -> ObservationBatch:
+    rng = np.random.default_rng(seed)
+    return ObservationBatch(rng.standard_normal((n, STATE)).astype(np.float32), ["x"] * n)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def compare(fns: dict, reps: int, device: str = "cpu", warmup: int = 2) -> dict[str, float]:
+    """Median wall time in ms of each ``fn()``, measured round-robin so that load from other
+    processes (a shared CPU) hits every variant alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            ts[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def episodes(rt, skills: list[str], steps: int, max_wait_ms: float) -> tuple[float, list[int]]:
+    """8 robot threads, each ``steps`` sequential steps through one MicroBatcher: steps/s."""
+    with MicroBatcher(rt, max_batch=16, max_wait_ms=max_wait_ms) as mb:
+        def robot(i):
+            o = obs(1, seed=i)
+            for _ in range(steps):
+                mb.submit(o, skills[i]).result()
+        threads = [threading.Thread(target=robot, args=(i,)) for i in range(len(skills))]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        dt = time.perf_counter() - t
+    return len(skills) * steps / dt, list(mb.batch_sizes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per observation")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--skills", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8, help="rows of the mixed batch")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8, help="steps per episode (throughput)")
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    snap = Snap(BenchBackend(a.dim, a.layers, a.tokens).module, a.skills, a.rank)
+    make = lambda mode: PolicyRuntime(BenchBackend(a.dim, a.layers, a.tokens), snap,  # noqa: E731
+                                      mode=mode, device=a.device)
+    side, fused = make("side"), make("fused")
+    n_par = sum(p.numel() for p in side.backend.module.parameters())
+    names = side.skill_names
+    print(f"model: d={a.dim} layers={a.layers} tokens={a.tokens} params={n_par / 1e6:.1f}M "
+          f"skills={a.skills} rank={a.rank} residuals={side.residual_bytes() / 2**20:.1f} MiB "
+          f"torch_threads={torch.get_num_threads()}")
+    one, many = obs(1), obs(a.batch)
+    mixed = [names[i % len(names)] for i in range(a.batch)]
+    dev = a.device
+    with torch.inference_mode():
+        for label, b in (("B=1", one), (f"B={a.batch}", many)):
+            sk = [names[0]] * len(b)
+            t = compare({"core": lambda: side.infer(b, [None] * len(b)),
+                         "side": lambda: side.infer(b, sk),
+                         "fused": lambda: fused.infer(b, sk)}, a.reps, dev)
+            print(f"latency {label:>4} one skill: core-only {t['core']:7.2f} ms | side path "
+                  f"{t['side']:7.2f} ms (x{t['side'] / t['core']:.3f}) | fused {t['fused']:7.2f} ms "
+                  f"(x{t['fused'] / t['core']:.3f})")
+        t = compare({"core": lambda: side.infer(many, [None] * len(many)),
+                     "side": lambda: side.infer(many, mixed),
+                     "groups": lambda: fused.infer(many, mixed)}, max(3, a.reps // 2), dev, 1)
+        print(f"latency B={a.batch} {len(set(mixed))} skills mixed: side path {t['side']:7.2f} ms "
+              f"(x{t['side'] / t['core']:.3f} of core-only {t['core']:.2f}) | fused per skill "
+              f"group (switches) {t['groups']:7.2f} ms")
+        k = [0]
+
+        def switch():
+            k[0] += 1
+            fused.bank.switch(1 + k[0] % len(names))
+        sw = compare({"sw": switch}, max(5, a.reps), dev)["sw"]
+        touched = sum(fused.bank.index.tensors[key].numel() for key in fused.bank.touched(1))
+        print(f"fused switch (unmerge + merge, {touched / 1e6:.1f}M params touched): {sw:.2f} ms")
+    side.close()
+    fused.close()
+    for label, sk in (("mixed", [names[i % len(names)] for i in range(8)]), ("same", [names[0]] * 8)):
+        rt = make("auto")
+        sps, sizes = episodes(rt, sk, a.steps, a.max_wait_ms)
+        print(f"8 episodes x {a.steps} steps, {label}-skill via MicroBatcher(max_wait_ms="
+              f"{a.max_wait_ms}): {sps:.1f} steps/s, mean batch {np.mean(sizes):.2f}")
+        rt.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""``carve admit``: admit one expert (checkpoint or PEFT adapter) into a merge state.
+
+Method options are generated from every registered method's options dataclass: each field becomes
+``--field-name`` with the help text from ``field.metadata["help"]``. Values are parsed as strings
+and converted with the *chosen* method's field type (``int``, ``float``, ``str``, ``list[str]``,
+``X | None`` where ``none`` means None; ``bool`` fields get ``--x/--no-x``), and a flag belonging to
+another method is an error naming the method's own options. Only options given on the command line
+are passed, so later admissions inherit the state's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from policy_server.errors import InputError
+
+_PREFIX = "mopt__"
+
+
+def _method_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """{field name: [(method name, field), ...]} over every registered method."""
+    from policy_server.merge.methods import METHODS, get_method
+
+    get_method("carve")  # imports every method module
+    out: dict[str, list] = {}
+    for name, cls in sorted(METHODS.items()):
+        for f in dataclasses.fields(cls.options_cls):
+            out.setdefault(f.name, []).append((name, f))
+    return out
+
+
+def add_method_option_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--<field>`` flags for every registered method's options (see the module doc)."""
+    group = parser.add_argument_group(
+        "method options", "knobs of the merge methods (each applies to the methods listed)")
+    for fname, owners in sorted(_method_fields().items()):
+        flag = "--" + fname.replace("_", "-")
+        methods = ", ".join(m for m, _ in owners)
+        f0 = owners[0][1]
+        help_ = f0.metadata.get("help", "") if f0.metadata else ""
+        help_ = f"[{methods}] {help_}".replace("%", "%%")
+        dest = _PREFIX + fname
+        types = {str(f.type) for _, f in owners}
+        if types == {"bool"}:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_)
+        elif any(t.startswith("list[") for t in types):
+            group.add_argument(flag, dest=dest, nargs="+", action="extend", metavar="GLOB",
+                               default=argparse.SUPPRESS, help=help_)
+        else:
+            group.add_argument(flag, dest=dest, default=argparse.SUPPRESS,
+                               metavar=fname.upper(), help=help_)
+
+
+def _convert(method: str, field: dataclasses.Field, value):
+    t = str(field.type).replace(" ", "")
+    flag = "--" + field.name.replace("_", "-")
+    if t.endswith("|None") or t.startswith("Optional["):
+        if isinstance(value, str) and value.lower() in ("none", "null", ""):
+            return None
+        t = t.removesuffix("|None").removeprefix("Optional[").removesuffix("]")
+    try:
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                    "no": False}[str(value).lower()]
+        if t == "int":
+            return int(value)
+        if t == "float":
+            return float(value)
+        if t.startswith("list["):
+            return list(value) if isinstance(value, list) else [value]
+        return str(value)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"{flag} {value!r}: expected {t} for method {method!r}") from e
+
+
+def collect_method_options(args: argparse.Namespace, method: str) -> dict:
+    """The method options given on the command line, converted for ``method``."""
+    from policy_server.merge.methods import get_method
+
+    cls = get_method(method)
+    own = {f.name: f for f in dataclasses.fields(cls.options_cls)}
+    out = {}
+    for key, value in vars(args).items():
+        if not key.startswith(_PREFIX):
+            continue
+        name = key[len(_PREFIX):]
+        if name not in own:
+            flags = ", ".join("--" + n.replace("_", "-") for n in own) or "none"
+            raise InputError(f"--{name.replace('_', '-')} is not an option of method "
+                             f"{cls.name!r} (its options: {flags})")
+        out[name] = _convert(cls.name, own[name], value)
+    return out
+
+
+def _build_hooks(args) -> list:
+    from policy_server.merge.hooks import ValueSubspaceHook
+
+    if not args.value_subspace:
+        return []
+    return [ValueSubspaceHook(args.value_subspace, k=args.value_subspace_k)]
+
+
+def _storage_line(storage: dict) -> str:
+    frac = storage.get("fraction_of_bank")
+    parts = []
+    if frac is not None:
+        parts.append(f"storage {100 * float(frac):.2f}% of the expert bank")
+    for k in ("stored_params", "stored_bytes"):
+        if k in storage:
+            parts.append(f"{k} {storage[k]:,}" if isinstance(storage[k], int) else f"{k} {storage[k]}")
+    return "; ".join(parts) if parts else "storage: n/a"
+
+
+def run_admit(args) -> int:
+    from policy_server.merge.engine import admit, state_method
+
+    method = args.method or state_method(args.state_dir) or "carve"
+    options = collect_method_options(args, method)
+    report = admit(args.state_dir, args.base, args.expert, args.skill,
+                   instructions=args.instruction or (), description=args.description or "",
+                   method=method, options=options, replace=args.replace,
+                   allow_pickle=args.allow_pickle, allow_dtype_mismatch=args.allow_dtype_mismatch,
+                   dense_patterns=args.dense_pattern or (), store_dtype=args.store_dtype,
+                   hooks=_build_hooks(args), progress=not args.no_progress, seed=args.seed)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    s = report["tensors"]
+    what = "re-admitted" if report["replaced"] else "admitted"
+    print(f"{what} skill {report['skill']!r} as version {report['version']} "
+          f"(method {report['method']}, t={report['t']}, {report['wall_s']:.1f}s)")
+    print(f"  {_storage_line(report['storage'])}")
+    line = f"  entries: {s['entries']} {s['kinds']}, unchanged tensors: {s['unchanged']}"
+    if "rank_mean" in s:
+        line += (f"; rank mean {s['rank_mean']:.1f} max {s['rank_max']}; rel_error mean "
+                 f"{s['rel_error_mean']:.4f} max {s['rel_error_max']:.4f}")
+    print(line)
+    if report["refit_skills"]:
+        print(f"  re-fitted (drift compensation): {', '.join(report['refit_skills'])}")
+    return 0
+
+
+def add_common_input_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle checkpoints (pytorch_model.bin, *.pt), loaded with "
+                        "torch.load(weights_only=True); refused by default")
+    p.add_argument("--allow-dtype-mismatch", action="store_true",
+                   help="accept an expert whose floating dtypes differ from the base's")
+    p.add_argument("--dense-pattern", action="append", metavar="GLOB",
+                   help="fnmatch glob of checkpoint keys kept dense, never low-rank (repeatable; "
+                        "1-D tensors always are), e.g. 'action_head.*'")
+    p.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="dtype the state stores tensors in (set by the first admission; "
+                        "default float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of randomized steps (SVD sketches)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("admit", help="admit one expert into a merge state (continual methods)",
+                       description="Admit one fine-tuned expert (a checkpoint directory or a PEFT "
+                                   "LoRA adapter) into the merge state STATE_DIR, creating it on "
+                                   "first use. Streams tensor by tensor; commits atomically.")
+    p.add_argument("state_dir", metavar="STATE_DIR")
+    p.add_argument("--base", required=True, metavar="BASE_DIR", help="base checkpoint directory")
+    p.add_argument("--expert", required=True, metavar="EXPERT_DIR",
+                   help="expert checkpoint directory or PEFT adapter directory")
+    p.add_argument("--skill", required=True, metavar="NAME", help="skill name ([A-Za-z0-9_.-])")
+    p.add_argument("--instruction", action="append", metavar="TEXT",
+                   help="an instruction the router maps to this skill (repeatable)")
+    p.add_argument("--description", default="", metavar="TEXT", help="free-text skill description")
+    p.add_argument("--method", default=None,
+                   help="continual merge method, fixed by the first admission (default: the "
+                        "state's method; carve for a new state)")
+    p.add_argument("--replace", action="store_true",
+                   help="re-admit an existing skill: its old residual is dropped and the expert is "
+                        "admitted as the next step; the core keeps the old contribution")
+    p.add_argument("--value-subspace", action="append", metavar="GLOB",
+                   help="keep the top-k right singular vectors of the expert's matching weights "
+                        "(e.g. '*.v_proj.weight') for the value-subspace router (repeatable)")
+    p.add_argument("--value-subspace-k", type=int, default=8, metavar="K",
+                   help="singular vectors kept per matched tensor (default 8)")
+    add_common_input_flags(p)
+    add_method_option_flags(p)
+    p.set_defaults(func=run_admit)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from policy_server.cli import main
+
+    sys.exit(main(["admit", *sys.argv[1:]]))

@@ -1,0 +1,218 @@
+"""PolicyRuntime: serve a backend with ``base + core`` folded and every skill residual resident.
+
+Execution plans per ``infer`` call (``mode``):
+
+* ``"fused"``: the batch's skill is merged into the weights (``SkillBank.switch``: exact, a no-op
+  when it is already active). A batch mixing skills runs one forward per skill group, the currently
+  merged skill's group first.
+* ``"side"``: weights stay ``base + core``; wrapped layers add each row's residual (BGMV, see
+  ``residual_layers.py``) so one forward serves all rows. Skills with a residual the side path
+  cannot apply per row (``SidePath.fallback_keys``) run as fused groups.
+* ``"auto"`` (default): a batch with one distinct skill runs fused (zero per-step overhead; a switch
+  happens only when that skill changes); a mixed batch unmerges (back to ``base + core``) and runs
+  the side path. If a layer turns out not to be batch-major (``SidePathError``), auto stops using
+  the side path for good and serves mixed batches as fused groups.
+
+Actions come back as float32 numpy (B, chunk, A), clipped to the spec's bounds; non-finite outputs
+raise ``RuntimeError`` naming the rows and skills (never returned to a robot).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from policy_server.errors import InputError, StateError
+from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
+from policy_server.runtime.residual_layers import SidePath, SidePathError, install_side_path
+from policy_server.runtime.skill_bank import CORE, ParamIndex, SkillBank, fold_core
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "fused", "side")
+_FOLDED_ATTR = "_carve_core_folded"  # set on the module so a second runtime cannot fold twice
+
+
+def take_rows(batch: ObservationBatch, rows: list[int]) -> ObservationBatch:
+    """Sub-batch of ``batch`` with the given row indices (in that order)."""
+    return ObservationBatch(state=batch.state[rows],
+                            instructions=[batch.instructions[i] for i in rows],
+                            images={k: v[rows] for k, v in batch.images.items()})
+
+
+class PolicyRuntime:
+    """Weights owner and executor for one backend and one merge-state snapshot.
+
+    backend: a loaded ``PolicyBackend`` (its module is modified in place: moved to ``device``,
+    core folded, cast to ``dtype`` when given, layers wrapped for the side path).
+    snapshot: a ``StateSnapshot``-like object (``core()``, ``skill_names()``, ``residuals(name)``,
+    ``version``, ``manifest``) or None for the plain base model.
+    dtype: model dtype after folding (None keeps the module's); residuals are kept in the dtype of
+    the parameter they target.
+    """
+
+    def __init__(self, backend: PolicyBackend, snapshot=None, mode: str = "auto",
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        if mode not in MODES:
+            raise InputError(f"runtime mode must be one of {MODES}, got {mode!r}")
+        module = backend.module
+        if getattr(module, _FOLDED_ATTR, False):
+            raise StateError("this backend's module already has a merge-state core folded in; "
+                             "load the backend again for a new runtime")
+        self.backend, self.mode = backend, mode
+        self.device = torch.device(device)
+        self.version = getattr(snapshot, "version", None)
+        module.to(self.device).eval()
+        index = ParamIndex(module)
+        core = snapshot.core() if snapshot is not None else {}
+        # fold in float32 while the module still has its load dtype, then cast once
+        fold_core(index, core)
+        setattr(module, _FOLDED_ATTR, True)
+        if dtype is not None:
+            module.to(dtype)
+            index = ParamIndex(module)  # .to() may have replaced tensors
+        names = list(snapshot.skill_names()) if snapshot is not None else []
+        residuals = {n: snapshot.residuals(n) for n in names}
+        self.bank = SkillBank.build(index, names, residuals, core)
+        del core, residuals
+        self._index_of = {n: i for i, n in enumerate(names, start=1)}
+        self._side: SidePath | None = None
+        self._side_ok = mode != "fused"
+        if mode != "fused":
+            self._side = install_side_path(module, self.bank.stacks)
+        self._fallback_skills = {
+            g for g in range(1, len(names) + 1)
+            if self._side is None or any(k in self._side.fallback_keys
+                                         for k in self.bank.touched(g))}
+        self._lock = threading.Lock()  # weights and row bindings are shared state
+        self._low = np.asarray(backend.spec.action_low, dtype=np.float32)
+        self._high = np.asarray(backend.spec.action_high, dtype=np.float32)
+
+    # ---- introspection ----------------------------------------------------------------------
+    @property
+    def spec(self) -> PolicySpec:
+        return self.backend.spec
+
+    @property
+    def skill_names(self) -> list[str]:
+        return list(self.bank.skill_names)
+
+    @property
+    def active_skill(self) -> str | None:
+        """Skill currently merged into the weights (None: ``base + core``)."""
+        a = self.bank.active
+        return None if a == CORE else self.bank.skill_names[a - 1]
+
+    def skill_index(self, skill: str | None) -> int:
+        """Global index of ``skill`` (0 for None); ``StateError`` naming an unknown skill."""
+        if skill is None:
+            return CORE
+        try:
+            return self._index_of[skill]
+        except (KeyError, TypeError):
+            raise StateError(f"unknown skill {skill!r}; known skills: {self.skill_names}") from None
+
+    def residual_bytes(self) -> int:
+        """Device bytes of all resident residuals."""
+        return self.bank.nbytes()
+
+    def side_fallback_keys(self) -> set[str]:
+        """Residual keys the side path serves via fused groups (empty in fused mode)."""
+        return set(self._side.fallback_keys) if self._side else set()
+
+    # ---- inference --------------------------------------------------------------------------
+    def infer(self, batch: ObservationBatch, skills: list[str | None]) -> np.ndarray:
+        """Actions (B, chunk, A) float32 for ``batch``, row ``i`` under ``skills[i]`` (None =
+        core-only), clipped to ``spec.action_low/high``."""
+        if len(skills) != len(batch):
+            raise InputError(f"infer: {len(skills)} skills for a batch of {len(batch)} rows")
+        if len(batch) == 0:
+            raise InputError("infer: empty batch")
+        rows = [self.skill_index(s) for s in skills]
+        with self._lock, torch.inference_mode():
+            out = self._run(batch, rows)
+        return self._finish(out, skills)
+
+    def _run(self, batch: ObservationBatch, rows: list[int]) -> torch.Tensor:
+        distinct = set(rows)
+        if self.mode == "fused" or (self.mode == "auto" and len(distinct) == 1):
+            return self._grouped(batch, rows)
+        if not self._side_ok:
+            return self._grouped(batch, rows)
+        self.bank.switch(CORE)  # the side path adds residuals on top of base + core
+        side_rows = [i for i, g in enumerate(rows) if g not in self._fallback_skills]
+        try:
+            if len(side_rows) == len(rows):
+                return self._side_forward(batch, rows)
+            parts = []
+            if side_rows:
+                parts.append((side_rows, self._side_forward(take_rows(batch, side_rows),
+                                                            [rows[i] for i in side_rows])))
+            rest = [i for i in range(len(rows)) if i not in set(side_rows)]
+            parts.append((rest, self._grouped(take_rows(batch, rest), [rows[i] for i in rest])))
+            return self._assemble(len(rows), parts)
+        except SidePathError:
+            if self.mode == "side":
+                raise
+            log.warning("side path unusable for this backend; auto mode serves mixed batches as "
+                        "fused skill groups from now on", exc_info=True)
+            self._side_ok = False
+            return self._grouped(batch, rows)
+
+    def _side_forward(self, batch: ObservationBatch, rows: list[int]) -> torch.Tensor:
+        self.bank.bind(rows, self.device)
+        try:
+            return self._predict(batch)
+        finally:
+            self.bank.unbind()
+
+    def _grouped(self, batch: ObservationBatch, rows: list[int]) -> torch.Tensor:
+        """One fused forward per distinct skill; the merged skill's group first (no switch)."""
+        order = sorted(set(rows), key=lambda g: (g != self.bank.active, g))
+        if len(order) == 1:
+            self.bank.switch(order[0])
+            return self._predict(batch)
+        parts = []
+        for g in order:
+            idx = [i for i, r in enumerate(rows) if r == g]
+            self.bank.switch(g)
+            parts.append((idx, self._predict(take_rows(batch, idx))))
+        return self._assemble(len(rows), parts)
+
+    @staticmethod
+    def _assemble(n: int, parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+        first = parts[0][1]
+        out = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        for idx, t in parts:
+            out[torch.tensor(idx, device=first.device)] = t
+        return out
+
+    def _predict(self, batch: ObservationBatch) -> torch.Tensor:
+        return self.backend.predict(batch)
+
+    def _finish(self, out: torch.Tensor, skills: list[str | None]) -> np.ndarray:
+        spec = self.spec
+        want = (len(skills), spec.chunk_length, spec.action_dim)
+        if tuple(out.shape) != want:
+            raise RuntimeError(f"backend returned actions of shape {tuple(out.shape)}, "
+                               f"expected {want}")
+        y = out.detach().to("cpu", torch.float32).numpy().copy()
+        bad = ~np.isfinite(y).reshape(len(skills), -1).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad).tolist()
+            raise RuntimeError(f"non-finite actions for batch rows {rows} "
+                               f"(skills {[skills[i] for i in rows]}); nothing was returned")
+        np.clip(y, self._low, self._high, out=y)
+        return y
+
+    def close(self) -> None:
+        """Unmerge any fused skill and remove the side-path wrappers (weights: ``base + core``)."""
+        with self._lock:
+            self.bank.unmerge()
+            if self._side is not None:
+                self._side.uninstall()
+                self._side = None
+            self._side_ok = False

@@ -1,0 +1,1 @@
+"""Simulator layers used for data collection and closed-loop evaluation (Meta-World)."""

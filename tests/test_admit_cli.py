@@ -1,0 +1,130 @@
+"""``carve admit`` / ``carve merge`` / ``carve state export`` as real subprocesses: exit codes,
+messages, and that a refused command leaves the state untouched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("policy_server.state.store",
+                    reason="state store (policy_server/state/store.py) not written yet")
+
+from ckpt_utils import write_checkpoint  # noqa: E402
+from test_engine import SHAPES, make_family, tree_digest  # noqa: E402
+
+from policy_server.state.store import StateStore  # noqa: E402
+
+# `carve` without relying on the console script being on PATH
+CARVE_CMD = [sys.executable, "-c",
+             "import sys; from policy_server.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def carve(*args, timeout=120):
+    return subprocess.run([*CARVE_CMD, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def export_cmd(*args):
+    """``carve state export`` when the state group has it hooked up, else the standalone module."""
+    from policy_server.cli import build_parser
+
+    try:
+        build_parser().parse_args(["state", "export", "--help"])
+    except SystemExit as e:
+        if e.code == 0:
+            return carve("state", "export", *args)
+    return subprocess.run([sys.executable, "-m", "policy_server.cli.export", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_admit_cli_flow(tmp_path, capsys):
+    bdir, edirs, base, experts = make_family(tmp_path, n=2)
+    state = tmp_path / "state"
+    r = carve("admit", state, "--base", bdir, "--expert", edirs[0], "--skill", "pick",
+              "--instruction", "pick up the cup", "--instruction", "grab the cup",
+              "--rank", "4", "--rate", "1/(t+1)", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "admitted skill 'pick' as version" in r.stdout
+    snap = StateStore(state).open()
+    assert snap.version in r.stdout
+    assert snap.manifest["method"]["options"]["rank"] == 4
+    assert snap.manifest["method"]["options"]["rate"] == "1/(t+1)"
+    assert snap.skill("pick")["instructions"] == ["pick up the cup", "grab the cup"]
+    frac = snap.manifest.get("storage", {}).get("fraction_of_bank")
+    if frac is not None:
+        assert f"{100 * float(frac):.2f}% of the expert bank" in r.stdout
+    before = tree_digest(state)
+
+    # option differing from the state's -> state error (3), nothing written
+    r = carve("admit", state, "--base", bdir, "--expert", edirs[1], "--skill", "place",
+              "--rank", "8", "--no-progress")
+    assert r.returncode == 3 and "rank" in r.stderr and "differs" in r.stderr
+    # another method's option -> bad input (2)
+    r = carve("admit", state, "--base", bdir, "--expert", edirs[1], "--skill", "place",
+              "--lam", "0.5", "--no-progress")
+    assert r.returncode == 2 and "--lam is not an option of method 'carve'" in r.stderr
+    # shape mismatch names the tensor (2)
+    bad = dict(experts[1])
+    bad["model.layers.0.self_attn.v_proj.weight"] = torch.zeros(24, 23)
+    r = carve("admit", state, "--base", bdir, "--expert", write_checkpoint(tmp_path / "bad", bad),
+              "--skill", "place", "--no-progress")
+    assert r.returncode == 2 and "model.layers.0.self_attn.v_proj.weight" in r.stderr
+    # duplicate skill (3)
+    r = carve("admit", state, "--base", bdir, "--expert", edirs[1], "--skill", "pick",
+              "--no-progress")
+    assert r.returncode == 3 and "--replace" in r.stderr
+    # one-shot method (2) points to carve merge
+    r = carve("admit", tmp_path / "s2", "--base", bdir, "--expert", edirs[1], "--skill", "x",
+              "--method", "ties", "--no-progress")
+    assert r.returncode == 2 and "carve merge" in r.stderr
+    assert tree_digest(state) == before
+
+    # a good second admission, JSON report
+    r = carve("admit", state, "--base", bdir, "--expert", edirs[1], "--skill", "place",
+              "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["skill"] == "place" and rep["t"] == 2 and rep["tensors"]["rank_max"] == 4
+
+    # export through the CLI: full checkpoint equals base + core + residual
+    out = tmp_path / "place_full"
+    r = export_cmd(state, "--skill", "place", "--out", out, "--base", bdir, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    snap = StateStore(state).open()
+    got = load_file(str(out / "model.safetensors"))
+    k = "model.layers.0.mlp.up_proj.weight"
+    e = snap.residuals("place")[k]
+    assert torch.equal(got[k], base[k] + (snap.core()[k] + e.P @ e.Q))
+    r = export_cmd(state, "--skill", "ghost", "--out", tmp_path / "g", "--base", bdir)
+    assert r.returncode == 3 and "ghost" in r.stderr and not (tmp_path / "g").exists()
+
+
+def test_merge_cli(tmp_path):
+    bdir, edirs, base, experts = make_family(tmp_path, n=2)
+    out = tmp_path / "merged"
+    r = carve("merge", "--method", "ta", "--base", bdir, "--expert", edirs[0], "--expert",
+              edirs[1], "--out", out, "--lam", "1.0", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "into checkpoint" in r.stdout
+    got = load_file(str(out / "model.safetensors"))
+    for k in SHAPES:
+        torch.testing.assert_close(got[k], experts[0][k] + experts[1][k] - base[k],
+                                   atol=1e-6, rtol=0)
+    r = carve("merge", "--method", "ta", "--base", bdir, "--expert", edirs[0], "--out",
+              tmp_path / "m2", "--rank", "3", "--no-progress")
+    assert r.returncode == 2 and "--rank is not an option of method 'task_arithmetic'" in r.stderr
+    r = carve("merge", "--method", "tall", "--base", bdir, "--expert", edirs[0], "--expert",
+              edirs[1], "--skill", "a", "--skill", "b", "--out", tmp_path / "tall",
+              "--head-patterns", "model.norm.*", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    snap = StateStore(tmp_path / "tall").open()
+    assert snap.skill_names() == ["a", "b"]
+    assert snap.manifest["method"]["options"]["head_patterns"] == ["model.norm.*"]
+    r = carve("merge", "--method", "nosuch", "--base", bdir, "--expert", edirs[0], "--out",
+              tmp_path / "x", "--no-progress")
+    assert r.returncode == 2 and "unknown merge method" in r.stderr

@@ -1,0 +1,358 @@
+"""Routers: text (real all-MiniLM-L6-v2), value-subspace, hybrid, the factory.
+
+The sentence-transformers model is loaded once per session (``embedder`` fixture, ~8 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from policy_server.errors import InputError, StateError
+from policy_server.models.base import ObservationBatch
+from router.base import ExactRouter
+from router.embedder import Embedder, default_model_path, fingerprint_tensor
+from router.factory import build_router
+from router.hybrid import (KEY_OBS_PROTOTYPES, HybridRouter, ObservationPrototypeScorer,
+                           observation_prototype_artifacts)
+from router.text import (KEY_EMBEDDINGS, KEY_MODEL, KEY_TEXTS, TextEmbeddingHook, TextRouter,
+                         text_router_artifacts)
+from router.vsubspace import ARTIFACT_PREFIX, VSubspaceHook, VSubspaceRouter, module_feature_fn
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "routing"
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def libero():
+    lib = json.loads((BENCH / "libero_instructions.json").read_text())["suites"]
+    para = json.loads((BENCH / "heldout_paraphrases.json").read_text())["paraphrases"]
+    return lib, para
+
+
+@pytest.fixture(scope="session")
+def suite_router(embedder, libero) -> TextRouter:
+    lib, _ = libero
+    return TextRouter({s: [t["language"] for t in lib[s]] for s in SUITES}, embedder)
+
+
+class FakeSnapshot:
+    """The StateSnapshot surface the routers read: skill_names, skill, skill_artifacts."""
+
+    def __init__(self, skills: dict[str, dict], artifacts: dict[str, dict] | None = None):
+        self._skills = skills
+        self._arts = artifacts or {}
+        self.version = "v000001"
+
+    def skill_names(self):
+        return list(self._skills)
+
+    def skill(self, name):
+        return self._skills[name]
+
+    def skill_artifacts(self, name):
+        return dict(self._arts.get(name, {}))
+
+
+# ------------------------------------------------------------------------------ embedder
+
+def test_embedder_shapes_and_norm(embedder):
+    e = embedder.encode(["put the bowl on the plate", "turn on the stove", "x"])
+    assert e.shape == (3, 384) and e.dtype == torch.float32
+    assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    # paraphrase closer than an unrelated instruction: the model is really loaded
+    p = embedder.encode(["place the bowl onto the plate"])[0]
+    assert float(p @ e[0]) > float(p @ e[1]) + 0.2
+
+
+def test_embedder_local_path_and_errors(tmp_path):
+    # the same directory given by path has the same fingerprint (no model load needed)
+    assert Embedder(default_model_path()).fingerprint == Embedder().fingerprint
+    with pytest.raises(InputError, match="not a local directory"):
+        Embedder(tmp_path / "missing")
+    with pytest.raises(InputError, match="not a sentence-transformers model"):
+        Embedder(tmp_path)
+    with pytest.raises(TypeError):
+        Embedder().encode("one string")
+
+
+# ------------------------------------------------------------------------------ text router
+
+def test_registered_instructions_route_100_percent(embedder, libero, suite_router):
+    lib, _ = libero
+    per_task = TextRouter({t["task"]: [t["language"]] for s in SUITES for t in lib[s]}, embedder)
+    for s in SUITES:
+        for t in lib[s]:
+            d = suite_router.route(t["language"])
+            assert (d.skill, d.abstained) == (s, False), (t["language"], d)
+            # case/whitespace variants of a registered instruction are the same instruction
+            d2 = per_task.route("  " + t["language"].upper() + " ")
+            assert d2.skill == t["task"] and d2.confidence == 1.0, d2
+
+
+def test_heldout_paraphrases_route_by_suite(suite_router, libero):
+    """The routing metric on text never registered: most held-out paraphrases must route right
+    (bench_routing.py reports the exact figures; this guards against regressions)."""
+    lib, para = libero
+    texts, truth = [], []
+    for s in SUITES:
+        for t in lib[s]:
+            texts += para[t["task"]]
+            truth += [s] * len(para[t["task"]])
+    ds = suite_router.route_many(texts)
+    acc = np.mean([d.skill == s for d, s in zip(ds, truth)])
+    wrong = np.mean([(not d.abstained) and d.skill != s for d, s in zip(ds, truth)])
+    assert acc >= 0.9, acc
+    assert wrong <= 0.03, wrong  # errors should be abstentions, not wrong skills
+
+
+def test_out_of_domain_abstains(suite_router):
+    for text in ("make me a coffee", "what is the weather tomorrow", "walk the dog"):
+        d = suite_router.route(text)
+        assert d.abstained and d.skill is None, d
+        assert "min_confidence" in d.reason or "min_margin" in d.reason
+        assert len(d.candidates) == 4 and d.runner_up is not None
+    d = suite_router.route("make me a coffee")
+    assert d.to_json()["skill"] is None and d.to_json()["abstained"] is True
+
+
+def test_confidence_calibration_and_candidates(suite_router):
+    d = suite_router.route("grab the ketchup and put it in the basket")
+    assert d.skill == "libero_object" and not d.abstained
+    confs = [c for _, c in d.candidates]
+    assert confs == sorted(confs, reverse=True)
+    assert abs(d.margin - (confs[0] - confs[1])) < 1e-9
+    assert 0.0 <= sum(confs) <= 1.0 + 1e-6  # the null logit takes the rest
+    strict = TextRouter(suite_router.instructions, suite_router.embedder, min_confidence=0.999)
+    assert strict.route("grab the ketchup and put it in the basket").abstained
+
+
+def test_shared_instruction_abstains_on_text(embedder):
+    r = TextRouter({"a": ["put the bowl on the plate"], "b": ["put the bowl on the plate"],
+                    "c": ["open the drawer"]}, embedder)
+    d = r.route("put the bowl on the plate")
+    assert d.abstained and "min_margin" in d.reason and {d.candidates[0][0], d.runner_up} == {"a", "b"}
+
+
+def test_text_router_bad_options(embedder):
+    with pytest.raises(InputError, match="temperature"):
+        TextRouter({"a": ["x"]}, embedder, temperature=0)
+    with pytest.raises(InputError, match="no instruction"):
+        TextRouter({"a": []}, embedder)
+    with pytest.raises(InputError, match="at least one skill"):
+        TextRouter({}, embedder)
+
+
+# ------------------------------------------------------------------------------ embedding cache
+
+def _libero_snapshot(libero, embedder, cache=True):
+    lib, _ = libero
+    skills = {s: {"instructions": [t["language"] for t in lib[s]], "description": ""}
+              for s in SUITES}
+    arts = {s: text_router_artifacts(v["instructions"], embedder) for s, v in skills.items()} \
+        if cache else {}
+    return FakeSnapshot(skills, arts)
+
+
+def test_artifacts_layout(embedder):
+    a = text_router_artifacts(["put the bowl on the plate", "turn on the stove"], embedder)
+    assert a[KEY_EMBEDDINGS].shape == (2, 384) and a[KEY_EMBEDDINGS].dtype == torch.float32
+    assert a[KEY_MODEL].dtype == torch.uint8 and a[KEY_MODEL].shape == (32,)
+    assert a[KEY_TEXTS].shape == (32,)
+    hook = TextEmbeddingHook(["turn on the stove"], embedder, description="cooking")
+    assert not hook.wants("any.weight") and hook.artifacts()[KEY_EMBEDDINGS].shape == (2, 384)
+
+
+def test_cache_hit_avoids_reembedding(embedder, libero, suite_router):
+    snap = _libero_snapshot(libero, embedder)
+    before = embedder.sentences
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cache hit must not warn
+        r = TextRouter.from_snapshot(snap, embedder)
+    assert embedder.sentences == before  # nothing re-embedded at start
+    q = "grab the ketchup and put it in the basket"
+    d1, d2 = r.route(q), suite_router.route(q)
+    assert embedder.sentences == before + 2  # only the two queries
+    assert (d1.skill, d1.candidates) == (d2.skill, d2.candidates)
+
+
+def test_cache_miss_reembeds_with_warning(embedder, libero):
+    snap = _libero_snapshot(libero, embedder)
+    # instructions changed after the cache was written -> that skill alone is re-embedded
+    snap._skills["libero_goal"]["instructions"].append("wipe the stove clean")
+    # a cache made by another model -> re-embedded too
+    snap._arts["libero_10"][KEY_MODEL] = fingerprint_tensor("00" * 32)
+    before = embedder.sentences
+    with pytest.warns(RuntimeWarning, match=r"libero_goal.*libero_10|libero_10.*libero_goal"):
+        r = TextRouter.from_snapshot(snap, embedder)
+    assert embedder.sentences - before == 11 + 10
+    assert r.route("wipe the stove clean").skill == "libero_goal"
+
+
+# ------------------------------------------------------------------------------ value subspace
+
+D, K = 48, 8
+
+
+class TinyExpertBlock(nn.Module):
+    """An action-expert-like block: context -> v_proj (the hooked projection) -> out."""
+
+    def __init__(self):
+        super().__init__()
+        self.cross_attn = nn.Module()
+        self.cross_attn.v_proj = nn.Linear(D, D)
+        self.out = nn.Linear(D, 4)
+
+    def forward(self, ctx):
+        return self.out(self.cross_attn.v_proj(ctx)).mean(1)
+
+
+def _synthetic_experts(n_skills=4, seed=0):
+    """Experts whose value projections read from disjoint K-dim input subspaces U_s (D, K)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(D, n_skills * K, generator=g)).Q  # orthonormal columns
+    base = torch.randn(D, D, generator=g) * 0.01
+    experts = {}
+    for s in range(n_skills):
+        Us = U[:, s * K:(s + 1) * K]
+        tau = torch.randn(D, K, generator=g) @ Us.T  # fine-tuning wrote into U_s only
+        experts[f"skill{s}"] = (base + tau, tau, Us)
+    return experts
+
+
+def test_vsubspace_hook_keeps_expert_right_singular_vectors():
+    key = "blocks.1.cross_attn.v_proj.weight"
+    names = ["blocks.0.cross_attn.v_proj.weight", key]
+    hook = VSubspaceHook(value_projection_names=names)  # default: the last value projection
+    assert hook.wants(key) and not hook.wants(names[0]) and not hook.wants("blocks.1.fc1.weight")
+    expert, tau, Us = _synthetic_experts()["skill2"]
+    hook.on_tensor(key, expert, tau)
+    a = hook.artifacts()
+    V = a[ARTIFACT_PREFIX + key]
+    assert V.shape == (K, D) and V.dtype == torch.float32
+    # the stored rows span U_s: projecting U_s onto them keeps (almost) all of its energy
+    assert float((V @ Us).norm() ** 2) > 0.99 * K
+    with pytest.raises(InputError, match="value projections"):
+        VSubspaceHook()
+
+
+def test_vsubspace_router_picks_right_skill_on_synthetic_experts():
+    experts = _synthetic_experts()
+    key = "cross_attn.v_proj.weight"
+    bases = {}
+    for name, (w, tau, _) in experts.items():
+        hook = VSubspaceHook(key)
+        hook.on_tensor(key, w, tau)  # the expert is discarded after this
+        bases[name] = hook.artifacts()[ARTIFACT_PREFIX + key]
+    model = TinyExpertBlock()
+    fn = module_feature_fn(model, key, lambda obs: model(obs))
+    r = VSubspaceRouter(bases, fn, key=key)
+    g = torch.Generator().manual_seed(1)
+    for name, (_, _, Us) in experts.items():
+        for _ in range(5):
+            # first observation: 6 context tokens mostly in the skill's input subspace + noise
+            ctx = (torch.randn(1, 6, K, generator=g) @ Us.T) + 0.3 * torch.randn(1, 6, D, generator=g)
+            d = r.route("ignored", ctx)
+            assert d.skill == name and not d.abstained, (name, d)
+            assert d.confidence > 0.9
+    assert r.route("no observation").abstained
+
+
+def test_vsubspace_router_with_demo_vla():
+    """End to end on the demo VLA: the captured inputs of the head's value projection decide."""
+    demo = pytest.importorskip("policy_server.models.demo_vla")
+    cfg = demo.DemoVLAConfig()
+    backend = demo.DemoVLABackend(cfg)
+    key = backend.value_projection_names()[-1]
+    fn = module_feature_fn(backend.module, key, backend.predict)
+    rng = np.random.default_rng(0)
+    spec = backend.spec
+
+    def obs(scene: int):
+        state = rng.normal(scene * 3.0 - 1.5, 0.05, (1, spec.state_dim)).astype(np.float32)
+        imgs = {k: np.full((1, v.height, v.width, v.channels), 40 + 150 * scene, np.uint8)
+                for k, v in spec.images.items()}
+        return ObservationBatch(state=state, instructions=["do it"], images=imgs)
+
+    # "fine-tune" each skill's head v_proj toward the principal input directions of its scene
+    bases = {}
+    w0 = backend.module.get_parameter(key).detach().clone()
+    for scene in (0, 1):
+        X = torch.cat([fn(obs(scene)) for _ in range(8)])
+        Xc = X - X.mean(0)
+        top = torch.linalg.svd(torch.cat([X.mean(0, keepdim=True), Xc]), full_matrices=False)[2][:K]
+        expert = w0 + 5.0 * torch.randn(w0.shape[0], K) @ top
+        hook = VSubspaceHook.for_backend(backend)
+        hook.on_tensor(key, expert, expert - w0)
+        bases[f"scene{scene}"] = hook.artifacts()[ARTIFACT_PREFIX + key]
+    r = VSubspaceRouter(bases, fn, key=key)
+    for scene in (0, 1):
+        assert r.route("", obs(scene)).skill == f"scene{scene}"
+
+
+# ------------------------------------------------------------------------------ hybrid
+
+def _scene_obs(scene: int, rng) -> ObservationBatch:
+    """Scene 0: robot near the stove (state ~ +1), warm image; scene 1: near the cabinet (~ -1),
+    cold image. Same instruction, different observation."""
+    state = rng.normal(1.0 if scene == 0 else -1.0, 0.1, (1, 8)).astype(np.float32)
+    img = np.zeros((1, 32, 32, 3), np.uint8)
+    img[..., 0 if scene == 0 else 2] = 200
+    img = np.clip(img + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
+    return ObservationBatch(state=state, instructions=[""], images={"agentview": img})
+
+
+def test_hybrid_disambiguates_shared_instruction(embedder):
+    rng = np.random.default_rng(0)
+    instr = {"bowl_stove_scene": ["put the bowl on the plate", "turn on the stove"],
+             "bowl_cabinet_scene": ["put the bowl on the plate", "open the top drawer"],
+             "ketchup": ["pick up the ketchup and place it in the basket"]}
+    arts = {"bowl_stove_scene": observation_prototype_artifacts([_scene_obs(0, rng) for _ in range(4)]),
+            "bowl_cabinet_scene": observation_prototype_artifacts([_scene_obs(1, rng) for _ in range(4)]),
+            "ketchup": observation_prototype_artifacts([_scene_obs(0, rng)])}
+    assert arts["ketchup"][KEY_OBS_PROTOTYPES].shape == (1, 8 + 8 * 8 * 3)
+    snap = FakeSnapshot({s: {"instructions": v} for s, v in instr.items()}, arts)
+    text = build_router("text", snap, {"embedder": embedder})
+    hybrid = build_router("hybrid", snap, {"embedder": embedder})
+    assert isinstance(hybrid, HybridRouter) and isinstance(hybrid.obs, ObservationPrototypeScorer)
+    q = "put the bowl on the plate"
+    assert text.route(q).abstained  # text alone cannot separate them
+    for scene, want in ((0, "bowl_stove_scene"), (1, "bowl_cabinet_scene")):
+        for _ in range(3):
+            d = hybrid.route(q, _scene_obs(scene, rng))
+            assert d.skill == want and not d.abstained, d
+    # a decisive instruction is not overridden by a scene it shares with another skill
+    assert hybrid.route("grab the ketchup, put it in the basket", _scene_obs(0, rng)).skill == "ketchup"
+    # out-of-domain text stays abstained whatever the observation
+    assert hybrid.route("make me a coffee", _scene_obs(0, rng)).abstained
+    # no observation: the text decision
+    assert hybrid.route(q).abstained
+
+
+# ------------------------------------------------------------------------------ factory
+
+def test_factory_kinds_and_errors(embedder):
+    snap = FakeSnapshot({"a": {"instructions": ["turn on the stove"]},
+                         "b": {"instructions": ["open the drawer"], "description": "drawers"}})
+    ex = build_router("exact", snap)
+    assert isinstance(ex, ExactRouter) and ex.route("Turn on the  stove").skill == "a"
+    cfg = {"embedder": embedder, "min_confidence": 0.6}
+    t = build_router("text", snap, cfg)
+    assert t.min_confidence == 0.6 and t.instructions["b"] == ["open the drawer", "drawers"]
+    with pytest.raises(InputError, match="unknown router kind"):
+        build_router("magic", snap, cfg)
+    with pytest.raises(StateError, match="value-subspace basis"):
+        build_router("vsubspace", snap, cfg)
+    with pytest.raises(StateError, match="observation data"):
+        build_router("hybrid", snap, cfg)

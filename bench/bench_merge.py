@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--svd-reps", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where to write checkpoints (default: tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse base/expert checkpoints already in --workdir (same options)")
     ap.add_argument("--json-out", default=None, help="also write all figures to this JSON file")
     args = ap.parse_args(argv)
     name = "small" if args.small else args.config
@@ -217,16 +219,28 @@ def main(argv=None) -> int:
     results: dict = {"config": name, "params": n_params, "experts": [], "svd": []}
     try:
         t0 = time.perf_counter()
-        dirs = write_family(work, shapes, cfg, args.experts, getattr(torch, args.dtype),
-                            args.shared_rank, args.task_rank, args.sparse)
+        dirs = [work / "base"] + [work / f"expert{i}" for i in range(args.experts)]
+        if args.reuse and all((d / "config.json").is_file() for d in dirs):
+            print(f"reusing checkpoints in {work}")
+        else:
+            dirs = write_family(work, shapes, cfg, args.experts, getattr(torch, args.dtype),
+                                args.shared_rank, args.task_rank, args.sparse)
+        shutil.rmtree(work / "state", ignore_errors=True)  # every run admits into a fresh state
         ck_bytes = dir_bytes(dirs[0])
         results["checkpoint_bytes"] = ck_bytes
         print(f"wrote base + {args.experts} experts in {time.perf_counter() - t0:.1f}s; one "
               f"checkpoint = {ck_bytes / 2**20:.1f} MiB")
 
+        # interpreter + torch + carve imports: subtracted so RSS/ckpt shows what admission adds
+        _, _, base_rss, _ = run_admission(
+            [*CARVE_CMD[:2], "import json, torch, policy_server.merge.engine, "
+             "policy_server.state.store; print(json.dumps({}))"])
+        results["baseline_rss_bytes"] = base_rss
+        print(f"interpreter baseline RSS (python + torch + carve imports): "
+              f"{base_rss / 2**20:.0f} MiB")
         state = work / "state"
-        print(f"\n{'skill':<8} {'wall s':>8} {'peak RSS MiB':>13} {'RSS/ckpt':>9} "
-              f"{'sampled':>8} {'state/bank':>10} {'rank':>6} {'rel_err':>8} {'version':>9}")
+        print(f"\n{'skill':<8} {'wall s':>8} {'peak RSS MiB':>13} {'(RSS-base)/ckpt':>16} "
+              f"{'state/bank':>10} {'rank':>6} {'rel_err':>8} {'version':>9}")
         for i, edir in enumerate(dirs[1:]):
             cmd = [*CARVE_CMD, "admit", str(state), "--base",
                    str(dirs[0]), "--expert", str(edir), "--skill", f"skill{i}", "--json",
@@ -242,8 +256,9 @@ def main(argv=None) -> int:
                    "rank_mean": s.get("rank_mean"), "rel_error_mean": s.get("rel_error_mean"),
                    "version": rep["version"], "storage": rep.get("storage")}
             results["experts"].append(row)
-            print(f"{rep['skill']:<8} {wall:8.1f} {rss / 2**20:13.0f} {rss / ck_bytes:9.2f} "
-                  f"{sampled / ck_bytes:8.2f} "
+            row["rss_above_baseline_over_ckpt"] = (rss - base_rss) / ck_bytes
+            print(f"{rep['skill']:<8} {wall:8.1f} {rss / 2**20:13.0f} "
+                  f"{(rss - base_rss) / ck_bytes:16.2f} "
                   f"{(f'{100 * frac:.1f}%' if frac is not None else 'n/a'):>10} "
                   f"{(s.get('rank_mean') or 0):6.1f} {(s.get('rel_error_mean') or 0):8.4f} "
                   f"{rep['version']:>9}")

@@ -1,5 +1,6 @@
 """Benchmark of the policy runtime: per-step latency of core-only / side path / fused weights,
-fused skill-switch time, and MicroBatcher throughput for 8 concurrent episodes (mixed vs same skill).
+fused skill-switch time, and MicroBatcher throughput for 8 concurrent episodes (mixed vs same
+skill).
 
 The model is a transformer-shaped stack with realistic Linear widths (d_model x d_model attention
 projections, d_model x 4 d_model MLP), every Linear weight carrying a rank-``--rank`` residual per
@@ -11,7 +12,6 @@ skill. Example (what docs/RUNTIME.md quotes):
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
 import time
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from policy_server.merge.entries import LowRank
 from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
-from policy_server.runtime import MicroBatcher, PolicyRuntime
+from policy_server.runtime import MicroBatcher, PolicyRuntime, ResidualLinear, ResidualStack
 
 STATE, CHUNK, ACT = 32, 8, 7
 
@@ -110,8 +110,9 @@ def _sync(device: str) -> None:
 
 
 def compare(fns: dict, reps: int, device: str = "cpu", warmup: int = 2) -> dict[str, float]:
-    """Median wall time in ms of each ``fn()``, measured round-robin so that load from other
-    processes (a shared CPU) hits every variant alike."""
+    """Best (minimum) wall time in ms of each ``fn()`` over ``reps``, measured round-robin: on a
+    shared CPU, load from other processes only ever adds time, so the minimum is the stable
+    estimate of the cost and round-robin exposes every variant to the same conditions."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -123,14 +124,48 @@ def compare(fns: dict, reps: int, device: str = "cpu", warmup: int = 2) -> dict[
             fn()
             _sync(device)
             ts[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return {k: min(v) for k, v in ts.items()}
+
+
+def layer_overhead(d: int, tokens: int, rank: int, batch: int, reps: int, device: str) -> None:
+    """One d -> 4d ``ResidualLinear`` alone (cheap enough for many reps on a noisy CPU): base
+    forward vs SGMV (rows share skills) vs BGMV (every row its own skill) side path."""
+    torch.manual_seed(0)
+    base = nn.Linear(d, 4 * d).to(device)
+    g = torch.Generator().manual_seed(0)
+    lr = {k: LowRank(torch.randn(4 * d, rank, generator=g), torch.randn(rank, d, generator=g))
+          for k in range(1, batch + 1)}
+    st = ResidualStack("w", base.weight, batch, lr, {})
+    layer = ResidualLinear.wrap(base, "bench", st, None)
+    x = torch.randn(batch, tokens, d, device=device)
+    shared = [1 + i % 4 for i in range(batch)]  # 4 skills, 2 rows each (SGMV at B=8)
+    distinct = list(range(1, batch + 1))        # BGMV
+
+    def bound(rows):
+        def run():
+            st.bind(rows, torch.tensor(rows, device=device),
+                    {k: torch.tensor([i for i, r in enumerate(rows) if r == k], device=device)
+                     for k in set(rows)})
+            layer(x)
+            st.unbind()
+        return run
+    with torch.inference_mode():
+        t = compare({"base": lambda: base(x), "sgmv": bound(shared), "bgmv": bound(distinct)},
+                    reps, device)
+    print(f"layer {d}x{4 * d}, B={batch} x {tokens} tokens, r={rank}: base {t['base']:.2f} ms | "
+          f"4 skills (SGMV) x{t['sgmv'] / t['base']:.3f} | {batch} skills (BGMV) "
+          f"x{t['bgmv'] / t['base']:.3f} | theory x{1 + rank * 5 * d / (4 * d * d):.3f}")
 
 
 def episodes(rt, skills: list[str], steps: int, max_wait_ms: float) -> tuple[float, list[int]]:
     """8 robot threads, each ``steps`` sequential steps through one MicroBatcher: steps/s."""
+    start = threading.Barrier(len(skills))
     with MicroBatcher(rt, max_batch=16, max_wait_ms=max_wait_ms) as mb:
         def robot(i):
             o = obs(1, seed=i)
+            # episodes start together: otherwise robots settle into cohorts that never merge
+            # (a cohort resubmits while the worker serves the other), halving batch sizes
+            start.wait()
             for _ in range(steps):
                 mb.submit(o, skills[i]).result()
         threads = [threading.Thread(target=robot, args=(i,)) for i in range(len(skills))]
@@ -160,6 +195,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
+    layer_overhead(a.dim, a.tokens, a.rank, a.batch, 5 * a.reps, a.device)
     snap = Snap(BenchBackend(a.dim, a.layers, a.tokens).module, a.skills, a.rank)
     make = lambda mode: PolicyRuntime(BenchBackend(a.dim, a.layers, a.tokens), snap,  # noqa: E731
                                       mode=mode, device=a.device)
@@ -179,7 +215,8 @@ def main() -> None:
                          "side": lambda: side.infer(b, sk),
                          "fused": lambda: fused.infer(b, sk)}, a.reps, dev)
             print(f"latency {label:>4} one skill: core-only {t['core']:7.2f} ms | side path "
-                  f"{t['side']:7.2f} ms (x{t['side'] / t['core']:.3f}) | fused {t['fused']:7.2f} ms "
+                  f"{t['side']:7.2f} ms (x{t['side'] / t['core']:.3f}) | fused "
+                  f"{t['fused']:7.2f} ms "
                   f"(x{t['fused'] / t['core']:.3f})")
         t = compare({"core": lambda: side.infer(many, [None] * len(many)),
                      "side": lambda: side.infer(many, mixed),
@@ -197,7 +234,8 @@ def main() -> None:
         print(f"fused switch (unmerge + merge, {touched / 1e6:.1f}M params touched): {sw:.2f} ms")
     side.close()
     fused.close()
-    for label, sk in (("mixed", [names[i % len(names)] for i in range(8)]), ("same", [names[0]] * 8)):
+    for label, sk in (("mixed", [names[i % len(names)] for i in range(8)]),
+                      ("same", [names[0]] * 8)):
         rt = make("auto")
         sps, sizes = episodes(rt, sk, a.steps, a.max_wait_ms)
         print(f"8 episodes x {a.steps} steps, {label}-skill via MicroBatcher(max_wait_ms="

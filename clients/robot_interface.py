@@ -203,15 +203,21 @@ class FakeRobot:
 
 
 def make_so101(port: str, cameras: dict[str, dict] | None = None, robot_id: str | None = None,
-               use_degrees: bool = False, max_relative_target: float | None = None) -> Robot:
-    """Build a real ``SO101Follower`` (LeRobot 0.4.x), importing LeRobot only now.
+               use_degrees: bool | None = None, max_relative_target: float | None = None) -> Robot:
+    """Build a real ``SO101Follower``, importing LeRobot only now.
 
+    LeRobot 0.4.4 (the last for Python 3.11) ships it as ``lerobot.robots.so_follower``
+    (``SO101FollowerConfig`` is an alias of ``SOFollowerRobotConfig``, ``use_degrees`` defaults to
+    True); older/newer layouts have ``lerobot.robots.so101_follower``: both are tried.
     cameras: key -> ``{"index_or_path": 0 | "/dev/video0", "width": 640, "height": 480, "fps": 30}``
-    (``OpenCVCameraConfig`` fields). Raises ``ImportError`` with install instructions when LeRobot
-    is missing (it cannot be installed beside the server's torch)."""
+    (``OpenCVCameraConfig`` fields); use_degrees None = LeRobot's default. Raises ``ImportError``
+    with install instructions when LeRobot is missing (it cannot live beside the server's torch)."""
     try:
         from lerobot.cameras.opencv.configuration_opencv import OpenCVCameraConfig
-        from lerobot.robots.so101_follower import SO101Follower, SO101FollowerConfig
+        try:
+            from lerobot.robots.so_follower import SO101Follower, SO101FollowerConfig
+        except ImportError:
+            from lerobot.robots.so101_follower import SO101Follower, SO101FollowerConfig
     except ImportError as e:  # pragma: no cover - depends on the separate robot environment
         raise ImportError(
             "--robot so101 needs LeRobot, which pins torch<2.11 and lives in its own client "
@@ -219,8 +225,15 @@ def make_so101(port: str, cameras: dict[str, dict] | None = None, robot_id: str 
             "-r requirements-robot.txt && .venv-robot/bin/pip install --no-deps -e . "
             f"(see docs/CLIENTS.md). Import failed: {e}") from e
     cams = {k: OpenCVCameraConfig(**v) for k, v in (cameras or {}).items()}
-    kwargs: dict[str, Any] = dict(port=port, cameras=cams, use_degrees=use_degrees,
-                                  max_relative_target=max_relative_target)
+    kwargs: dict[str, Any] = dict(port=port, cameras=cams, max_relative_target=max_relative_target)
+    if use_degrees is not None:
+        kwargs["use_degrees"] = use_degrees
     if robot_id is not None:
         kwargs["id"] = robot_id
     return SO101Follower(SO101FollowerConfig(**kwargs))
+
+
+def uses_degrees(robot: Robot) -> bool:
+    """Whether a LeRobot arm reports body joints in degrees (``config.use_degrees``); False for
+    robots without that setting (e.g. :class:`FakeRobot`, which uses [-100, 100])."""
+    return bool(getattr(getattr(robot, "config", None), "use_degrees", False))

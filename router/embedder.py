@@ -158,3 +158,19 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
 def texts_digest(texts: list[str]) -> str:
     """sha256 hex of an ordered list of strings (JSON-encoded, so separators cannot collide)."""
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode()).hexdigest()
+
+
+_SHARED: dict[str, Embedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_embedder(model: str | Path | None = None, device: str = "cpu") -> Embedder:
+    """One Embedder per (model directory, device) per process: the server, the CLI and the routers
+    it builds share a single loaded model (~90 MB, ~8 s to load on a 2-core CPU)."""
+    path = default_model_path() if model is None or str(model) == DEFAULT_MODEL \
+        else Path(model).expanduser()
+    key = f"{path.resolve() if path.exists() else path}|{device}"
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = Embedder(None if model is None else model, device=device)
+        return _SHARED[key]

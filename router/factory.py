@@ -3,13 +3,15 @@ a decision is identical through ``carve route``, the Python API and the gRPC ``R
 
 kind: "exact" | "text" | "vsubspace" | "hybrid".
 config (a dict; every key optional):
-  embedder          an ``Embedder`` to share (else one is made from ``router_model``)
+  embedder          an ``Embedder`` to use (else the process-wide ``shared_embedder(router_model)``)
   router_model      local sentence-transformers directory (default: packaged all-MiniLM-L6-v2)
   min_confidence, min_margin, temperature, prototype_weight, null_score   text router options
   feature_fn        observation -> (T, in) hidden states entering the value projection; or
   backend           a ``PolicyBackend`` (its ``predict`` is run, base weights as loaded), or
   runtime           a ``PolicyRuntime`` (``runtime.backend.module`` is hooked, forward with
                     ``runtime.infer(obs, [None])``: base + core)
+  vsubspace_per_skill  with a runtime: score each skill on hidden states computed with its own
+                    residuals (exact MergeVLA rule, one forward per skill) instead of base + core
   vsubspace_key     which stored value projection to use (exact or glob) when several
   vsubspace_temperature, vsubspace_min_confidence, vsubspace_min_margin
   observation       hybrid's observation scorer: "vsubspace" | "prototypes" | "auto" (default:
@@ -41,9 +43,9 @@ def get_embedder(config: dict):
     """The shared embedder of ``config`` (created once and put back into it)."""
     emb = config.get("embedder")
     if emb is None:
-        from router.embedder import Embedder
+        from router.embedder import shared_embedder
 
-        emb = Embedder(config.get("router_model"))
+        emb = shared_embedder(config.get("router_model"))
         config["embedder"] = emb
     return emb
 
@@ -76,8 +78,16 @@ def _vsubspace(snapshot, config: dict):
     opts = {k.removeprefix("vsubspace_"): config[k]
             for k in ("vsubspace_temperature", "vsubspace_min_confidence", "vsubspace_min_margin")
             if config.get(k) is not None}
-    r = VSubspaceRouter.from_snapshot(snapshot, None, key=config.get("vsubspace_key"), **opts)
-    r.feature_fn = _feature_fn(config, r.key)  # needs the stored key to know where to hook
+    per_skill = bool(config.get("vsubspace_per_skill")) and config.get("runtime") is not None
+    r = VSubspaceRouter.from_snapshot(snapshot, None, key=config.get("vsubspace_key"),
+                                      per_skill=per_skill, **opts)
+    # the feature function needs the stored key to know which projection to hook
+    if per_skill:
+        from router.vsubspace import runtime_skill_feature_fn
+
+        r.feature_fn = runtime_skill_feature_fn(config["runtime"], r.key)
+    else:
+        r.feature_fn = _feature_fn(config, r.key)
     return r
 
 

@@ -21,6 +21,8 @@ decisive the other way; when the text ties two skills the observation breaks the
 out-of-domain instruction (p_null ~ 1) keeps a low confidence whatever the observation says, so the
 hybrid router abstains on "make me a coffee" like the text router. a = 0.5 by default (both sources
 equally trusted); p_o is floored at 1e-6 so one confident observation cannot veto the text outright.
+An instruction registered verbatim by exactly one skill is certain (p_t one-hot), as in TextRouter;
+without an observation a = 1 (text only).
 """
 
 from __future__ import annotations
@@ -153,18 +155,23 @@ class HybridRouter(Router):
         self.min_margin = float(min_margin)
 
     def route(self, instruction: str, observation=None) -> RouteDecision:
-        if observation is None:
-            d = self.text.route(instruction)
-            d.reason = "no observation: text only; " + d.reason
-            d.router = self.name
-            return d
         q = self.text.embedder.encode([instruction])
         pt = self.text.probabilities(self.text.scores(q))[0].to(torch.float64)  # (S,)
+        exact = self.text.exact_skill(instruction)
+        if exact is not None:
+            # registered verbatim by exactly one skill: certain, as in TextRouter
+            pt = torch.zeros_like(pt)
+            pt[exact] = 1.0
         in_domain = float(pt.sum())                                              # 1 - p_null
-        po_d = self.obs.probabilities(observation)
         uniform = 1.0 / len(self.skills)
-        po = torch.tensor([po_d.get(s, uniform) for s in self.skills], dtype=torch.float64)
-        a = self.text_weight
+        if observation is None:
+            # text only (a = 1): the pooled confidence is exactly the text confidence
+            po = torch.full((len(self.skills),), uniform, dtype=torch.float64)
+            a = 1.0
+        else:
+            po_d = self.obs.probabilities(observation)
+            po = torch.tensor([po_d.get(s, uniform) for s in self.skills], dtype=torch.float64)
+            a = self.text_weight
         logq = (a * torch.log((pt / max(in_domain, 1e-300)).clamp_min(1e-300))
                 + (1 - a) * torch.log(po.clamp_min(1e-6)))
         conf_all = in_domain * torch.softmax(logq, 0)
@@ -174,7 +181,8 @@ class HybridRouter(Router):
         margin = conf - (cands[1][1] if len(cands) > 1 else 0.0)
         best = order[0]
         why = (f"text p={float(pt[best]):.3f}, observation p={float(po[best]):.3f} "
-               f"({getattr(self.obs, 'name', 'observation')}), text weight {a}")
+               f"({getattr(self.obs, 'name', 'observation')}), text weight {a}"
+               if observation is not None else "no observation: text only")
         if conf < self.min_confidence:
             return RouteDecision(None, conf, cands, margin, True,
                                  f"confidence {conf:.3f} < min_confidence {self.min_confidence} "

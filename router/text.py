@@ -273,6 +273,11 @@ class TextRouter(Router):
                                  f"{self.min_margin} (best: {cands[0][0]}, {matched})", self.name)
         return RouteDecision(cands[0][0], conf, cands, margin, False, matched, self.name)
 
+    def exact_skill(self, instruction: str) -> int | None:
+        """Index of the one skill that registered ``instruction`` verbatim (case/whitespace
+        folded), else None."""
+        return self._exact.get(_normalise(instruction))
+
     def skill_scores(self, instruction: str) -> dict[str, float]:
         """Raw (cosine-scale) scores per skill, for the hybrid router and diagnostics."""
         sc = self.scores(self.embedder.encode([instruction]))[0]

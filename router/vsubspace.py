@@ -135,6 +135,18 @@ def module_feature_fn(model: nn.Module, weight_key: str, forward: Callable[[obje
     return fn
 
 
+def runtime_skill_feature_fn(runtime, weight_key: str) -> Callable[[object, str], torch.Tensor]:
+    """feature_fn(observation, skill) for ``per_skill=True``: the hidden states entering the value
+    projection when ``runtime.infer`` runs the observation *with that skill's residuals* (the exact
+    MergeVLA rule, one forward per skill)."""
+
+    def fn(observation, skill: str) -> torch.Tensor:
+        return module_feature_fn(runtime.backend.module, weight_key,
+                                 lambda obs: runtime.infer(obs, [skill]))(observation)
+
+    return fn
+
+
 class VSubspaceRouter(Router):
     """Routes the first observation by value-subspace affinity (see the module docstring).
 

@@ -29,6 +29,17 @@ def carve(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def carve_inproc(capsys, *args):
+    """Same command through ``policy_server.cli.main`` in this process (cheap: no torch import);
+    returns (exit code, stdout, stderr)."""
+    from policy_server.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def export_cmd(*args):
     """``carve state export`` when the state group has it hooked up, else the standalone module."""
     from policy_server.cli import build_parser
@@ -61,13 +72,13 @@ def test_admit_cli_flow(tmp_path, capsys):
     before = tree_digest(state)
 
     # option differing from the state's -> state error (3), nothing written
-    r = carve("admit", state, "--base", bdir, "--expert", edirs[1], "--skill", "place",
-              "--rank", "8", "--no-progress")
-    assert r.returncode == 3 and "rank" in r.stderr and "differs" in r.stderr
+    rc, out, err = carve_inproc(capsys, "admit", state, "--base", bdir, "--expert", edirs[1],
+                                "--skill", "place", "--rank", "8", "--no-progress")
+    assert rc == 3 and "rank" in err and "differs" in err
     # another method's option -> bad input (2)
-    r = carve("admit", state, "--base", bdir, "--expert", edirs[1], "--skill", "place",
-              "--lam", "0.5", "--no-progress")
-    assert r.returncode == 2 and "--lam is not an option of method 'carve'" in r.stderr
+    rc, out, err = carve_inproc(capsys, "admit", state, "--base", bdir, "--expert", edirs[1],
+                                "--skill", "place", "--lam", "0.5", "--no-progress")
+    assert rc == 2 and "--lam is not an option of method 'carve'" in err
     # shape mismatch names the tensor (2)
     bad = dict(experts[1])
     bad["model.layers.0.self_attn.v_proj.weight"] = torch.zeros(24, 23)
@@ -79,16 +90,16 @@ def test_admit_cli_flow(tmp_path, capsys):
               "--no-progress")
     assert r.returncode == 3 and "--replace" in r.stderr
     # one-shot method (2) points to carve merge
-    r = carve("admit", tmp_path / "s2", "--base", bdir, "--expert", edirs[1], "--skill", "x",
-              "--method", "ties", "--no-progress")
-    assert r.returncode == 2 and "carve merge" in r.stderr
+    rc, out, err = carve_inproc(capsys, "admit", tmp_path / "s2", "--base", bdir, "--expert",
+                                edirs[1], "--skill", "x", "--method", "ties", "--no-progress")
+    assert rc == 2 and "carve merge" in err and not (tmp_path / "s2" / "CURRENT").exists()
     assert tree_digest(state) == before
 
     # a good second admission, JSON report
-    r = carve("admit", state, "--base", bdir, "--expert", edirs[1], "--skill", "place",
-              "--no-progress", "--json")
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)
+    rc, out, err = carve_inproc(capsys, "admit", state, "--base", bdir, "--expert", edirs[1],
+                                "--skill", "place", "--no-progress", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
     assert rep["skill"] == "place" and rep["t"] == 2 and rep["tensors"]["rank_max"] == 4
 
     # export through the CLI: full checkpoint equals base + core + residual
@@ -100,11 +111,15 @@ def test_admit_cli_flow(tmp_path, capsys):
     k = "model.layers.0.mlp.up_proj.weight"
     e = snap.residuals("place")[k]
     assert torch.equal(got[k], base[k] + (snap.core()[k] + e.P @ e.Q))
-    r = export_cmd(state, "--skill", "ghost", "--out", tmp_path / "g", "--base", bdir)
-    assert r.returncode == 3 and "ghost" in r.stderr and not (tmp_path / "g").exists()
+    from policy_server.cli.export import main as export_main
+
+    capsys.readouterr()
+    rc = export_main([str(state), "--skill", "ghost", "--out", str(tmp_path / "g"), "--base",
+                      str(bdir)])
+    assert rc == 3 and "ghost" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
-def test_merge_cli(tmp_path):
+def test_merge_cli(tmp_path, capsys):
     bdir, edirs, base, experts = make_family(tmp_path, n=2)
     out = tmp_path / "merged"
     r = carve("merge", "--method", "ta", "--base", bdir, "--expert", edirs[0], "--expert",
@@ -115,16 +130,22 @@ def test_merge_cli(tmp_path):
     for k in SHAPES:
         torch.testing.assert_close(got[k], experts[0][k] + experts[1][k] - base[k],
                                    atol=1e-6, rtol=0)
-    r = carve("merge", "--method", "ta", "--base", bdir, "--expert", edirs[0], "--out",
-              tmp_path / "m2", "--rank", "3", "--no-progress")
-    assert r.returncode == 2 and "--rank is not an option of method 'task_arithmetic'" in r.stderr
-    r = carve("merge", "--method", "tall", "--base", bdir, "--expert", edirs[0], "--expert",
-              edirs[1], "--skill", "a", "--skill", "b", "--out", tmp_path / "tall",
-              "--head-patterns", "model.norm.*", "--no-progress")
-    assert r.returncode == 0, r.stderr
+    rc, out, err = carve_inproc(capsys, "merge", "--method", "ta", "--base", bdir, "--expert",
+                                edirs[0], "--out", tmp_path / "m2", "--rank", "3", "--no-progress")
+    assert rc == 2 and "--rank is not an option of method 'task_arithmetic'" in err
+    assert not (tmp_path / "m2").exists()
+    rc, out, err = carve_inproc(capsys, "merge", "--method", "tall", "--base", bdir, "--expert",
+                                edirs[0], "--expert", edirs[1], "--skill", "a", "--skill", "b",
+                                "--out", tmp_path / "tall", "--head-patterns", "model.norm.*",
+                                "--no-progress")
+    assert rc == 0, err
+    assert "into merge state" in out
     snap = StateStore(tmp_path / "tall").open()
     assert snap.skill_names() == ["a", "b"]
     assert snap.manifest["method"]["options"]["head_patterns"] == ["model.norm.*"]
-    r = carve("merge", "--method", "nosuch", "--base", bdir, "--expert", edirs[0], "--out",
-              tmp_path / "x", "--no-progress")
-    assert r.returncode == 2 and "unknown merge method" in r.stderr
+    rc, out, err = carve_inproc(capsys, "merge", "--method", "nosuch", "--base", bdir,
+                                "--expert", edirs[0], "--out", tmp_path / "x", "--no-progress")
+    assert rc == 2 and "unknown merge method" in err
+    rc, out, err = carve_inproc(capsys, "merge", "--method", "ta", "--base", bdir, "--expert",
+                                edirs[0], "--skill", "a", "--skill", "b", "--out", tmp_path / "y")
+    assert rc == 2 and "one --skill per --expert" in err

@@ -64,7 +64,7 @@ def test_resize_rejects_bad_input():
 
 def test_center_crop_keeps_area_fraction():
     top, left, ch, cw = lp.center_crop_box(224, 224, 0.9)
-    assert (ch, cw) == (213, 213)  # round(224 * sqrt(0.9)) = 212.5 -> 213 (banker's: 212?)
+    assert (ch, cw) == (213, 213)  # 224 * sqrt(0.9) = 212.505 -> 213
     assert abs(ch * cw / 224 ** 2 - 0.9) < 0.01
     assert top == left == (224 - 213) // 2
     with pytest.raises(ValueError):

@@ -112,7 +112,8 @@ def make_snapshot(seed: int = 1, nan_skill: bool = False) -> MemSnapshot:
         "push": {"fc2.weight": lowrank(shapes["fc2.weight"], 16, g),
                  "state_proj.weight": d("state_proj.weight"),
                  "k.weight": Masked(torch.rand(shapes["k.weight"], generator=g) > 0.2)},
-        "wipe": {"stem.weight": d("stem.weight"), "fc1.weight": lowrank(shapes["fc1.weight"], 5, g)},
+        "wipe": {"stem.weight": d("stem.weight"),
+                 "fc1.weight": lowrank(shapes["fc1.weight"], 5, g)},
     }
     if nan_skill:
         res["broken"] = {"head.bias": Dense(torch.full(shapes["head.bias"], float("nan")))}
@@ -145,6 +146,11 @@ def reference_actions(snap: MemSnapshot, batch: ObservationBatch, skills) -> np.
     return np.clip(np.stack(out), -100, 100)
 
 
+def _rows(batch: ObservationBatch, rows: list[int]) -> ObservationBatch:
+    return ObservationBatch(batch.state[rows], [batch.instructions[i] for i in rows],
+                            {k: v[rows] for k, v in batch.images.items()})
+
+
 MIXED = ["pick", None, "place", "push", "pick", "wipe", "place", None, "push"]
 
 
@@ -154,6 +160,9 @@ def test_mixed_batch_matches_reference_weights(mode):
     ref = reference_actions(snap, batch, MIXED)
     rt = PolicyRuntime(ToyBackend(), snap, mode=mode)
     got = rt.infer(batch, MIXED)
+    # every row a different skill: the side path gathers factors per row (BGMV), not segments
+    np.testing.assert_allclose(rt.infer(_rows(batch, [0, 2, 3]), ["pick", "place", "push"]),
+                               ref[[0, 2, 3]], rtol=1e-5, atol=1e-5)
     assert got.dtype == np.float32 and got.shape == (len(MIXED), CHUNK, ACT)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     # the skills really differ from each other and from core-only (the comparison has teeth)
@@ -161,8 +170,7 @@ def test_mixed_batch_matches_reference_weights(mode):
     # single-skill batches (fused under auto) agree too, and leave the skill merged under auto
     for s in ("push", None, "pick"):
         rows = [i for i, m in enumerate(MIXED) if m == s]
-        sub = ObservationBatch(batch.state[rows], [batch.instructions[i] for i in rows],
-                               {"cam": batch.images["cam"][rows]})
+        sub = _rows(batch, rows)
         np.testing.assert_allclose(rt.infer(sub, [s] * len(rows)), ref[rows], rtol=1e-5, atol=1e-5)
         if mode != "side":
             assert rt.active_skill == s
@@ -219,7 +227,10 @@ def test_core_is_folded_once_in_float32_then_cast():
         PolicyRuntime(be, snap)
 
 
-def test_residual_linear_gathers_factors_per_row_for_3d_inputs():
+@pytest.mark.parametrize("rows,segmented", [([3, 0, 1, 2, 3], True),   # shared skills: SGMV
+                                             ([3, 1, 2], False),         # all distinct: BGMV
+                                             ([1, 1, 1, 1], True)])      # one skill, no gather
+def test_residual_linear_applies_each_rows_residual_for_3d_inputs(rows, segmented):
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
     g = torch.Generator().manual_seed(3)
@@ -227,9 +238,10 @@ def test_residual_linear_gathers_factors_per_row_for_3d_inputs():
     st = ResidualStack("w", base.weight, 3, skills, {2: torch.randn(10, 12, generator=g)})
     assert st.P.shape == (3, 10, 5) and st.D.shape == (2, 10, 12)   # zero slot + padding
     layer = ResidualLinear.wrap(base, "lin", st, None)
-    x = torch.randn(5, 7, 12)
-    rows = [3, 0, 1, 2, 3]
-    st.bind(rows, torch.tensor(rows))
+    x = torch.randn(len(rows), 7, 12)
+    st.bind(rows, torch.tensor(rows), {g: torch.tensor([i for i, r in enumerate(rows) if r == g])
+                                       for g in set(rows)})
+    assert (st.lr_segments is not None) == segmented
     y = layer(x)
     for i, g_ in enumerate(rows):
         w = base.weight.detach().clone()
@@ -239,7 +251,7 @@ def test_residual_linear_gathers_factors_per_row_for_3d_inputs():
             w += st.D[1]
         torch.testing.assert_close(y[i], F.linear(x[i], w, base.bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(SidePathError, match="leading dimension"):
-        layer(x.reshape(35, 12))
+        layer(x.reshape(-1, 12))
     st.unbind()
     torch.testing.assert_close(layer(x), base(x))
 
@@ -297,3 +309,93 @@ def test_no_snapshot_serves_the_base_model():
     rt = PolicyRuntime(be, None)
     assert rt.skill_names == []
     np.testing.assert_array_equal(rt.infer(batch, [None, None]), want)
+
+
+def test_demo_vla_backend_modes_match_reference():
+    """The built-in demo VLA (EmbeddingBag text, CNN camera, cross-attention action expert):
+    residuals on its Linear / LayerNorm layers ride the side path, those on the EmbeddingBag and
+    the learned query parameter fall back to fused groups; all modes equal the reference."""
+    demo = pytest.importorskip("policy_server.models.demo_vla")
+    cfg = demo.DemoVLAConfig(state_dim=5, action_dim=3, chunk_length=2, hidden_dim=32, mlp_dim=48,
+                             num_heads=4, num_trunk_tokens=2, num_expert_blocks=1, vocab_size=97,
+                             text_dim=16, cameras={"front": [16, 16]}, cnn_channels=4,
+                             action_low=[-50.0] * 3, action_high=[50.0] * 3)
+    make = lambda: demo.DemoVLABackend(cfg, seed=0)  # noqa: E731
+    sd = {k: tuple(v.shape) for k, v in make().module.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    core = {k: torch.randn(s, generator=g) * 0.02 for k, s in sd.items()}
+    blk = "action_expert.blocks.0."
+    res = {"open": {blk + "cross_attn.v_proj.weight": lowrank(sd[blk + "cross_attn.v_proj.weight"],
+                                                             4, g, 0.2),
+                    "action_expert.head.norm_out.weight": Dense(torch.randn(32, generator=g)),
+                    "action_expert.head.out_proj.weight": lowrank((3, 32), 2, g, 0.2)},
+           "close": {"text_embed.weight": Dense(torch.randn(sd["text_embed.weight"], generator=g)),
+                     blk + "fc1.weight": Masked(torch.rand(sd[blk + "fc1.weight"], generator=g)
+                                                > 0.5)},
+           "push": {"action_expert.action_queries": Dense(torch.randn(2, 32, generator=g) * 0.5),
+                    blk + "fc2.bias": Dense(torch.randn(32, generator=g) * 0.3)}}
+    snap = MemSnapshot(core, res)
+    rng = np.random.default_rng(0)
+    skills = ["open", "close", None, "push", "open", "push"]
+    batch = ObservationBatch(rng.standard_normal((6, 5)).astype(np.float32),
+                             [f"open the drawer {i}" for i in range(6)],
+                             {"front": rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)})
+    want = []
+    for i, s in enumerate(skills):
+        be = make()
+        with torch.no_grad():
+            for k, p in be.module.state_dict(keep_vars=True).items():
+                p.copy_(p + skill_delta(core[k], res[s].get(k) if s else None, p.shape))
+        want.append(be.predict(_rows(batch, [i])).numpy()[0])
+    want = np.clip(np.stack(want), -50, 50)
+    for mode in ("fused", "side", "auto"):
+        rt = PolicyRuntime(make(), snap, mode=mode)
+        if mode != "fused":
+            assert rt.side_fallback_keys() == {"text_embed.weight", "action_expert.action_queries"}
+        np.testing.assert_allclose(rt.infer(batch, skills), want, rtol=1e-5, atol=1e-5)
+
+
+class TiedBackend(PolicyBackend):
+    """Output head tied to the token embedding (weight shared by two modules)."""
+
+    def __init__(self):
+        torch.manual_seed(2)
+        m = nn.Module()
+        m.inp, m.embed, m.head = nn.Linear(STATE, 8), nn.Embedding(CHUNK * ACT, 8), \
+            nn.Linear(8, CHUNK * ACT, bias=False)
+        m.head.weight = m.embed.weight
+        self.module = m
+        self.spec = PolicySpec(STATE, ACT, CHUNK, [-1e3] * ACT, [1e3] * ACT)
+
+    @classmethod
+    def load(cls, path, device="cpu", dtype=torch.float32):
+        return cls()
+
+    def predict(self, batch):
+        m = self.module
+        tok = m.embed(torch.zeros(len(batch), dtype=torch.long))
+        h = m.inp(torch.from_numpy(batch.state)) + tok
+        return m.head(h).view(-1, CHUNK, ACT)
+
+
+def test_tied_weights_take_one_delta_and_use_fused_groups():
+    base = TiedBackend().module.state_dict()
+    assert "embed.weight" in base and "head.weight" in base
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(CHUNK * ACT, 8, generator=g) * 0.1
+    r = lowrank((CHUNK * ACT, 8), 2, g, 0.3)
+    # a checkpoint lists a tied tensor under both keys: the delta must be applied once
+    snap = MemSnapshot({"embed.weight": c, "head.weight": c.clone()},
+                       {"a": {"embed.weight": r, "head.weight": LowRank(r.P.clone(), r.Q.clone())}})
+    rt = PolicyRuntime(TiedBackend(), snap, mode="auto")
+    assert rt.side_fallback_keys() == {"embed.weight"}  # two owner modules: not per row
+    batch = make_batch(2)
+    want_a, want_core = TiedBackend(), TiedBackend()
+    with torch.no_grad():
+        want_a.module.embed.weight.add_(skill_delta(c, r, c.shape))
+        want_core.module.embed.weight.add_(c)
+        want = np.stack([want_a.predict(batch)[0].numpy(), want_core.predict(batch)[1].numpy()])
+    # mixed batch: the tied skill runs as a fused group next to the core-only row
+    np.testing.assert_allclose(rt.infer(batch, ["a", None]), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(StateError, match="tied tensors"):
+        PolicyRuntime(TiedBackend(), MemSnapshot({"embed.weight": c, "head.weight": 2 * c}, {}))

@@ -128,3 +128,13 @@ def test_tiny_factory_real_metaworld(tmp_path, monkeypatch):
     assert lo["experts"][0]["kind"] == "lora" and lo["out"] != res["out"]
     assert json.loads((tmp_path / "cache" / "factory" / ldir.split("/factory/")[1] /
                        "adapter_config.json").read_text())["r"] == 2
+
+
+def test_factory_refuses_foreign_out_dir(tmp_path):
+    from policy_server.training.train import build_factory
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("x")
+    with pytest.raises(InputError, match="not a carve factory output"):
+        build_factory("demo", out=tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "x"

@@ -127,10 +127,10 @@ def router_config(args) -> dict:
 
 def run_route(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    instructions = read_instructions(args)  # bad input fails before anything heavy is imported
     from policy_server.state.store import StateStore
     from router.factory import build_router
 
-    instructions = read_instructions(args)
     store = StateStore(args.state_dir)
     snap = store.open(args.state_version) if args.state_version else store.open()
     config = router_config(args)

@@ -223,7 +223,10 @@ def _resolve_method(method: str, options: dict | None, manifest: dict | None, st
     stored_opts = dict(stored.get("options") or {})
     build_options(cls, given)  # unknown keys / invalid values -> InputError first
     for k, v in given.items():
-        if k in stored_opts and _json_norm(v) != _json_norm(stored_opts[k]):
+        if k not in stored_opts:
+            raise StateError(f"state {state_dir}: method option {k!r} was not recorded when the "
+                             f"state was created (older method version); it cannot be set now")
+        if _json_norm(v) != _json_norm(stored_opts[k]):
             raise StateError(f"state {state_dir}: method option {k}={v!r} differs from the "
                              f"state's {k}={stored_opts[k]!r}; options are fixed when the state "
                              f"is created (omit the option to use the state's value)")

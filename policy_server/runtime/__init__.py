@@ -1,5 +1,6 @@
 """Policy runtime: ``base + core`` folded once, skill residuals resident, applied fused (merged into
-the weights) or per batch row on a low-rank side path; a micro-batcher in front. See docs/RUNTIME.md."""
+the weights) or per batch row on a low-rank side path; a micro-batcher in front.
+See docs/RUNTIME.md."""
 
 from policy_server.runtime.batcher import BatcherClosed, BatcherFull, MicroBatcher
 from policy_server.runtime.residual_layers import (ResidualEmbedding, ResidualLayerNorm,

@@ -9,7 +9,10 @@ row ``b`` with skill slot ``k_b``, the residual gathered from stacked factors:
     ResidualEmbedding: y = E[ids] + P_k[ids] Q_k  [+ D_k[ids]]
 
 with ``torch.bmm`` over factors gathered per row (``index_select`` on the stacks of
-``skill_bank.ResidualStack``; slot 0 is zero for rows without a residual on this layer). Dense and
+``skill_bank.ResidualStack``; slot 0 is zero for rows without a residual on this layer). When rows
+share skills (at most B/2 distinct low-rank skills on a layer, the usual case of many robots and a
+few skills), Linear layers use the segmented form instead (SGMV): one GEMM pair per skill on its
+rows, which reads each skill's factors once instead of copying them per row. Dense and
 ``Masked`` residuals on Linear weights gather a dense (m, n) matrix per row: exact, but they cost
 what the dense weight costs.
 
@@ -62,8 +65,9 @@ def _rows(layer_name: str, stacks, x: torch.Tensor) -> int:
     b = next(st.batch_size for st in stacks if st is not None)
     if x.dim() < 2 or x.shape[0] != b:
         raise SidePathError(
-            f"side path: layer {layer_name!r} received input of shape {tuple(x.shape)} but the batch "
-            f"has {b} rows; per-row residuals need the batch as leading dimension (use mode='fused')")
+            f"side path: layer {layer_name!r} received input of shape {tuple(x.shape)} but the "
+            f"batch has {b} rows; per-row residuals need the batch as leading dimension "
+            "(use mode='fused')")
     return b
 
 
@@ -78,6 +82,20 @@ def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 def _row_view(t: torch.Tensor, ndim: int, trailing: int) -> torch.Tensor:
     """(B, *feat) -> (B, 1, ..., 1, *feat) broadcastable against an ``ndim``-D activation."""
     return t.view(t.shape[0], *([1] * (ndim - 1 - trailing)), *t.shape[1:])
+
+
+def _add_segmented_lowrank(y3: torch.Tensor, x3: torch.Tensor, st: ResidualStack) -> None:
+    """SGMV form of the low-rank term for rows that share skills, accumulated into ``y3``
+    (B, L, m) in place: per skill, its rows through ``(x Q^T) P^T`` at the skill's own rank.
+    x3: (B, L, n)."""
+    b, m = x3.shape[0], y3.shape[-1]
+    if len(st.lr_segments) == 1 and st.lr_segments[0][2].numel() == b:  # whole batch, one skill
+        s, r, _ = st.lr_segments[0]
+        h = x3.reshape(-1, x3.shape[-1]) @ st.Q[s, :r].T  # (B*L, r)
+        y3.view(-1, m).addmm_(h, st.P[s, :, :r].T)
+        return
+    for s, r, idx in st.lr_segments:
+        y3.index_add_(0, idx, (x3.index_select(0, idx) @ st.Q[s, :r].T) @ st.P[s, :, :r].T)
 
 
 class ResidualLinear(nn.Linear):
@@ -103,17 +121,21 @@ class ResidualLinear(nn.Linear):
             return y
         b = _rows(self.layer_name, (w, bres), x)
         x3 = x.reshape(b, -1, self.in_features)  # (B, L, n)
-        d = None  # (B, L or 1, m)
-        if w is not None and w.lr_rows is not None:
+        # y is F.linear's fresh contiguous output: accumulate the residual terms into it in place
+        # (no temporary (B, L, m) delta, no extra pass over the output)
+        y3 = y.view(b, -1, self.out_features)
+        if w is not None and w.lr_segments is not None:
+            _add_segmented_lowrank(y3, x3, w)
+        elif w is not None and w.lr_rows is not None:
             q = w.Q.index_select(0, w.lr_rows)  # (B, r, n)
             p = w.P.index_select(0, w.lr_rows)  # (B, m, r)
-            d = torch.bmm(torch.bmm(x3, q.transpose(1, 2)), p.transpose(1, 2))
+            y3.baddbmm_(torch.bmm(x3, q.transpose(1, 2)), p.transpose(1, 2))
         if w is not None and w.dense_rows is not None:
             dw = w.D.index_select(0, w.dense_rows)  # (B, m, n)
-            d = _add(d, torch.bmm(x3, dw.transpose(1, 2)))
+            y3.baddbmm_(x3, dw.transpose(1, 2))
         if bres is not None and bres.dense_rows is not None:
-            d = _add(d, bres.D.index_select(0, bres.dense_rows).unsqueeze(1))  # (B, 1, m)
-        return (y.reshape(b, -1, self.out_features) + d).reshape(y.shape)
+            y3.add_(bres.D.index_select(0, bres.dense_rows).unsqueeze(1))  # (B, 1, m)
+        return y
 
 
 class ResidualLayerNorm(nn.LayerNorm):

@@ -43,6 +43,17 @@ def take_rows(batch: ObservationBatch, rows: list[int]) -> ObservationBatch:
                             images={k: v[rows] for k, v in batch.images.items()})
 
 
+def _sync_backend_placement(backend: PolicyBackend, device: torch.device | None = None,
+                            dtype: torch.dtype | None = None) -> None:
+    """Backends that cache where their module lives (e.g. demo_vla's ``device`` / ``dtype``
+    attributes, used to place inputs) must follow the module when the runtime moves or casts it.
+    ``PolicyBackend`` has no ``to()`` hook, so update those plain attributes when present."""
+    if device is not None and isinstance(getattr(backend, "device", None), (torch.device, str)):
+        backend.device = device
+    if dtype is not None and isinstance(getattr(backend, "dtype", None), torch.dtype):
+        backend.dtype = dtype
+
+
 class PolicyRuntime:
     """Weights owner and executor for one backend and one merge-state snapshot.
 
@@ -66,6 +77,7 @@ class PolicyRuntime:
         self.device = torch.device(device)
         self.version = getattr(snapshot, "version", None)
         module.to(self.device).eval()
+        _sync_backend_placement(backend, device=self.device)
         index = ParamIndex(module)
         core = snapshot.core() if snapshot is not None else {}
         # fold in float32 while the module still has its load dtype, then cast once
@@ -73,6 +85,7 @@ class PolicyRuntime:
         setattr(module, _FOLDED_ATTR, True)
         if dtype is not None:
             module.to(dtype)
+            _sync_backend_placement(backend, dtype=dtype)
             index = ParamIndex(module)  # .to() may have replaced tensors
         names = list(snapshot.skill_names()) if snapshot is not None else []
         residuals = {n: snapshot.residuals(n) for n in names}
@@ -151,7 +164,7 @@ class PolicyRuntime:
             if side_rows:
                 parts.append((side_rows, self._side_forward(take_rows(batch, side_rows),
                                                             [rows[i] for i in side_rows])))
-            rest = [i for i in range(len(rows)) if i not in set(side_rows)]
+            rest = [i for i, g in enumerate(rows) if g in self._fallback_skills]
             parts.append((rest, self._grouped(take_rows(batch, rest), [rows[i] for i in rest])))
             return self._assemble(len(rows), parts)
         except SidePathError:

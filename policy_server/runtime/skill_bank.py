@@ -91,6 +91,9 @@ class ResidualStack:
 
     While a batch is bound (``bind``), ``lr_rows`` / ``dense_rows`` are (B,) int64 slot indices on
     the device, or None when no row of the batch has such a residual here (the layer then skips it).
+    ``lr_segments`` is set instead of nothing when rows share skills (at most half as many distinct
+    low-rank skills as rows): ``[(slot, rank, row_index (n_s,) int64)]``, one GEMM pair per skill
+    on its own rows (the SGMV variant: no per-row copy of the factors, unpadded rank).
     """
 
     def __init__(self, key: str, param: torch.Tensor, num_skills: int,
@@ -121,6 +124,7 @@ class ResidualStack:
         self._dense_map = torch.tensor(self.dense_slot, dtype=torch.long, device=dev)
         self.lr_rows: torch.Tensor | None = None
         self.dense_rows: torch.Tensor | None = None
+        self.lr_segments: list[tuple[int, int, torch.Tensor]] | None = None
         self.batch_size = 0
 
     def has(self, skill: int) -> bool:
@@ -129,27 +133,32 @@ class ResidualStack:
     def skills(self) -> list[int]:
         return [g for g in range(1, len(self.lr_slot)) if self.has(g)]
 
-    def fused_delta(self, skill: int) -> torch.Tensor | None:
-        """Float32 residual of ``skill`` on this parameter (P @ Q at the skill's own rank, or the
-        dense delta), or None when the skill does not touch it."""
+    def add_into(self, w32: torch.Tensor, skill: int) -> None:
+        """``w32 += residual(skill)`` in place, ``w32`` float32 of this parameter's shape: one
+        ``addmm_`` at the skill's own rank (no dense temporary), or one ``add_``."""
         if self.lr_slot[skill]:
             s, r = self.lr_slot[skill], self.rank[skill]
-            return self.P[s, :, :r].float() @ self.Q[s, :r, :].float()
-        if self.dense_slot[skill]:
-            return self.D[self.dense_slot[skill]].float()
-        return None
+            w32.addmm_(self.P[s, :, :r].float(), self.Q[s, :r, :].float())
+        elif self.dense_slot[skill]:
+            w32.add_(self.D[self.dense_slot[skill]].float())
 
-    def bind(self, rows_py: list[int], rows_dev: torch.Tensor) -> None:
+    def bind(self, rows_py: list[int], rows_dev: torch.Tensor,
+             rows_of: dict[int, torch.Tensor] | None = None) -> None:
         """Bind a batch: ``rows_py`` global skill index per row, ``rows_dev`` the same as a (B,)
-        int64 tensor on the device (built once per batch, shared by all stacks)."""
+        int64 tensor on the device, ``rows_of[g]`` the row indices of skill ``g`` on the device
+        (all built once per batch and shared by every stack)."""
         self.batch_size = len(rows_py)
         # decide activity on the host: no device sync, and layers skip inactive stacks for free
-        self.lr_rows = self._lr_map[rows_dev] if any(self.lr_slot[g] for g in rows_py) else None
+        lr_skills = sorted({g for g in rows_py if self.lr_slot[g]})
+        self.lr_rows = self._lr_map[rows_dev] if lr_skills else None
+        self.lr_segments = None
+        if lr_skills and rows_of is not None and 2 * len(lr_skills) <= len(rows_py):
+            self.lr_segments = [(self.lr_slot[g], self.rank[g], rows_of[g]) for g in lr_skills]
         self.dense_rows = (self._dense_map[rows_dev]
                            if any(self.dense_slot[g] for g in rows_py) else None)
 
     def unbind(self) -> None:
-        self.lr_rows = self.dense_rows = None
+        self.lr_rows = self.dense_rows = self.lr_segments = None
         self.batch_size = 0
 
     def nbytes(self) -> int:
@@ -193,7 +202,8 @@ class SkillBank:
               residuals: Mapping[str, Mapping[str, ResidualEntry]],
               core: Mapping[str, torch.Tensor]) -> "SkillBank":
         """``residuals[skill][key]``: entries as produced by the merge methods; ``core``: the dense
-        core deltas (needed to turn ``Masked`` entries into dense residuals ``mask*core - core``)."""
+        core deltas (needed to turn ``Masked`` entries into dense residuals
+        ``mask*core - core``)."""
         core_c = index.collapse(core, "core", lambda a, b: torch.equal(a.float(), b.float()))
         lowrank: dict[str, dict[int, LowRank]] = {}
         dense: dict[str, dict[int, torch.Tensor]] = {}
@@ -244,8 +254,12 @@ class SkillBank:
             for key in self._touches[skill]:
                 p = self.index.tensors[key]
                 self._pristine[key] = p.detach().clone()
-                delta = self.stacks[key].fused_delta(skill)
-                p.copy_((p.float() + delta).to(p.dtype))
+                if p.dtype == torch.float32:  # add in place: no float32 temporary of the weight
+                    self.stacks[key].add_into(p, skill)
+                else:  # add in float32, round once to the model dtype
+                    w32 = p.float()
+                    self.stacks[key].add_into(w32, skill)
+                    p.copy_(w32)
         self.active = skill
 
     def unmerge(self) -> None:
@@ -260,8 +274,10 @@ class SkillBank:
     def bind(self, rows: list[int], device: torch.device) -> None:
         """Bind per-row global skill indices (len B) to every stack for one forward pass."""
         rows_dev = torch.tensor(rows, dtype=torch.long, device=device)
+        rows_of = {g: torch.tensor([i for i, r in enumerate(rows) if r == g], dtype=torch.long,
+                                   device=device) for g in set(rows) if g != CORE}
         for st in self.stacks.values():
-            st.bind(rows, rows_dev)
+            st.bind(rows, rows_dev, rows_of)
 
     def unbind(self) -> None:
         for st in self.stacks.values():

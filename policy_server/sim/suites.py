@@ -82,10 +82,11 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         name="demo", base_tasks=BASE_TASKS,
         suites={k: EXPERT_SUITES[k] for k in ("buttons", "windows", "faucets")},
-        episodes_base=10, episodes_expert=10, base_steps=800, expert_steps=300, eval_episodes=0),
+        episodes_base=10, episodes_expert=10, base_steps=500, expert_steps=200, batch_size=128,
+        eval_episodes=0),
     "bench": Preset(
         name="bench", base_tasks=BASE_TASKS, suites=dict(EXPERT_SUITES),
-        episodes_base=40, episodes_expert=40, base_steps=6000, expert_steps=2500,
+        episodes_base=40, episodes_expert=40, base_steps=3000, expert_steps=1200,
         eval_episodes=10),
 }
 

@@ -38,6 +38,7 @@ from policy_server.training.lora import DEFAULT_TARGET_MODULES, inject_lora, sav
 
 FACTORY_VERSION = 1
 EVAL_SEED = 1000  # evaluation placements come from a different MT1 seed than the demos
+_MARKER = ".carve-factory"
 STD_FLOOR = 0.05  # metres-scale floor so constant dims (unused object slots) don't blow up
 
 
@@ -191,13 +192,25 @@ def evaluate(backend: DemoVLABackend, tasks: list[str], episodes: int, max_steps
 
 def build_factory(preset: str | Preset = "demo", out: str | Path | None = None, lora: bool = False,
                   force: bool = False, lora_rank: int | None = None, eval_episodes: int | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, num_threads: int = 1) -> dict:
     """Build (or reuse) the base + experts of ``preset``; returns the factory.json content.
 
     Keys: ``preset``, ``hash``, ``out``, ``base`` {dir, tasks, instructions, losses, seconds},
     ``experts`` [{name, dir, kind ("full"|"lora"), suite, tasks, instructions, losses, seconds}],
     ``demos`` {task: {episodes, steps, seconds}}, ``eval`` (when episodes > 0), ``total_seconds``.
+
+    Training runs with ``num_threads`` torch threads (restored afterwards): 1 is both the fastest
+    for this small model on a shared 2-core box and what makes builds bit-reproducible.
     """
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        return _build_factory(preset, out, lora, force, lora_rank, eval_episodes, progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _build_factory(preset, out, lora, force, lora_rank, eval_episodes, progress) -> dict:
     p = get_preset(preset) if isinstance(preset, str) else preset
     if lora_rank is not None:
         p = replace(p, lora_rank=int(lora_rank))
@@ -211,8 +224,14 @@ def build_factory(preset: str | Preset = "demo", out: str | Path | None = None, 
         if done.get("hash") == key:
             return done
     if out.exists():
-        shutil.rmtree(out)  # stale or forced: rebuild from scratch, never mix builds
+        # stale or forced: rebuild from scratch, never mix builds - but only delete what a
+        # factory build wrote (marker file), never a user's unrelated directory
+        if any(out.iterdir()) and not (out / _MARKER).is_file():
+            raise InputError(f"{out}: exists, is not empty and is not a carve factory output; "
+                             "choose another --out")
+        shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / _MARKER).write_text(key + "\n")
     t_start = time.perf_counter()
     torch.manual_seed(p.seed)
 

@@ -1,0 +1,151 @@
+"""``carve route``: the CLI's decisions are the Python API's decisions (same factory, same model).
+
+The CLI runs in-process (``policy_server.cli.main``) so it shares the session's loaded MiniLM model
+through ``router.embedder.shared_embedder``; one subprocess test checks the installed entry point's
+exit code on bad input (it fails before loading any model).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from policy_server.cli import main
+from router.embedder import shared_embedder
+from router.factory import build_router
+from router.text import KEY_EMBEDDINGS, text_router_artifacts
+
+SKILLS = {
+    "kitchen": ["turn on the stove", "put the bowl on the stove", "put the moka pot on the stove"],
+    "basket": ["pick up the ketchup and place it in the basket",
+               "pick up the milk and place it in the basket"],
+    "drawer": ["open the top drawer of the cabinet", "close the bottom drawer"],
+}
+QUERIES = ["switch on the stove", "put the milk carton into the basket", "make me a coffee",
+           "please open the upper drawer", "TURN ON THE STOVE", "put the bowl somewhere"]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return shared_embedder()
+
+
+class _FakeSnapshot:
+    def __init__(self, skills, arts):
+        self._skills, self._arts, self.version = skills, arts, "v000001"
+
+    def skill_names(self):
+        return list(self._skills)
+
+    def skill(self, name):
+        return self._skills[name]
+
+    def skill_artifacts(self, name):
+        return dict(self._arts.get(name, {}))
+
+    def core(self):
+        return {}
+
+
+def _real_state(path, embedder):
+    """A merge state written with the real StateStore (router data only, no residuals)."""
+    store_mod = pytest.importorskip("policy_server.state.store")
+    store = store_mod.StateStore(path)
+    with store.transaction("router test state") as tx:
+        for i, (name, instr) in enumerate(SKILLS.items()):
+            tx.write_skill(name, {}, {"name": name, "order": i + 1, "instructions": instr,
+                                      "description": ""})
+            tx.write_artifacts(name, text_router_artifacts(instr, embedder))
+    return store.open()
+
+
+@pytest.fixture()
+def fake_store(monkeypatch, embedder, tmp_path):
+    """Installs a stand-in ``policy_server.state.store`` whose StateStore(path).open() returns a
+    snapshot built from SKILLS (used when the real store is not importable, and to test the CLI
+    independently of it)."""
+    snap = _FakeSnapshot({n: {"instructions": v, "description": ""} for n, v in SKILLS.items()},
+                         {n: text_router_artifacts(v, embedder) for n, v in SKILLS.items()})
+
+    class FakeStore:
+        def __init__(self, path):
+            self.path = path
+
+        def open(self, version=None):
+            return snap
+
+    mod = types.ModuleType("policy_server.state.store")
+    mod.StateStore = FakeStore
+    monkeypatch.setitem(sys.modules, "policy_server.state.store", mod)
+    return snap
+
+
+def _cli_json(capsys, state_dir, *extra):
+    capsys.readouterr()
+    rc = main(["route", str(state_dir), *QUERIES, "--json", *extra])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert [x["instruction"] for x in lines] == QUERIES
+    return lines
+
+
+def _assert_same(lines, router):
+    for line in lines:
+        d = router.route(line["instruction"])
+        assert line["skill"] == d.skill
+        assert line["abstained"] == d.abstained
+        assert line["confidence"] == d.confidence  # exact: same code path, JSON floats round-trip
+        assert [(c["skill"], c["score"]) for c in line["candidates"]] == d.candidates
+        assert line["reason"] == d.reason
+
+
+def test_cli_equals_python_api(capsys, embedder, fake_store, tmp_path):
+    lines = _cli_json(capsys, tmp_path)
+    _assert_same(lines, build_router("text", fake_store, {"embedder": embedder}))
+    by = {x["instruction"]: x for x in lines}
+    assert by["switch on the stove"]["skill"] == "kitchen"
+    assert by["put the milk carton into the basket"]["skill"] == "basket"
+    assert by["make me a coffee"]["abstained"] and by["make me a coffee"]["skill"] is None
+    assert {"instruction", "skill", "confidence", "abstained", "candidates", "margin",
+            "runner_up", "reason"} <= set(lines[0])
+
+
+def test_cli_thresholds_file_and_table(capsys, embedder, fake_store, tmp_path):
+    # options reach the router: a hot softmax (T=0.5) flattens every confidence below the
+    # threshold, so all but the verbatim instruction abstain
+    lines = _cli_json(capsys, tmp_path, "--temperature", "0.5", "--min-confidence", "0.5")
+    _assert_same(lines, build_router("text", fake_store, {"embedder": embedder,
+                                                          "temperature": 0.5,
+                                                          "min_confidence": 0.5}))
+    assert [x["abstained"] for x in lines if x["instruction"] != "TURN ON THE STOVE"] == [True] * 5
+    f = tmp_path / "instr.txt"
+    f.write_text("# comment\nswitch on the stove\n\nmake me a coffee\n")
+    capsys.readouterr()
+    assert main(["route", str(tmp_path), "--file", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "kitchen" in out and "(abstained)" in out and "2 instruction(s), 1 abstained" in out
+    assert main(["route", str(tmp_path), "x", "--router", "exact", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["abstained"] is True
+
+
+def test_cli_bad_input_exit_codes(tmp_path):
+    # no instruction: InputError -> exit code 2, before any model is loaded
+    carve = Path(sys.executable).with_name("carve")
+    r = subprocess.run([str(carve), "route", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no instruction given" in r.stderr
+    assert main(["route", str(tmp_path), "--file", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_cli_equals_api_on_real_store(capsys, embedder, tmp_path):
+    snap = _real_state(tmp_path / "state", embedder)
+    assert KEY_EMBEDDINGS in snap.skill_artifacts("kitchen")
+    before = embedder.sentences
+    lines = _cli_json(capsys, tmp_path / "state")
+    assert embedder.sentences - before == len(QUERIES)  # cached embeddings were used
+    _assert_same(lines, build_router("text", snap, {"embedder": embedder}))

@@ -8,7 +8,7 @@ to share), a per-expert low-rank update and a sparse update; small dense noise o
 Then it admits the experts one by one with ``carve admit`` in a subprocess and prints:
 
 * admission wall time per expert;
-* peak RSS of each admission (``os.wait4`` rusage of that child, and a psutil sampler) relative to
+* peak RSS of each admission (the child's VmHWM, minus the bare interpreter's) relative to
   one checkpoint's size on disk: streaming admission should stay near ``state + a few tensors``;
 * storage of the state as a fraction of the expert bank after each admission;
 * exact (``torch.linalg.svd``) vs randomized (``torch.svd_lowrank``) truncated-SVD time and
@@ -40,9 +40,16 @@ sys.path.insert(0, str(ROOT))
 from policy_server.merge.checkpoint import CheckpointWriter  # noqa: E402
 from policy_server.merge.lowrank import truncated_svd  # noqa: E402
 
-# `carve` run by this interpreter (no dependence on the console script being on PATH)
-CARVE_CMD = [sys.executable, "-c",
-             "import sys; from policy_server.cli import main; sys.exit(main(sys.argv[1:]))"]
+# `carve` run by this interpreter (no dependence on the console script being on PATH), reporting the process's own peak RSS (VmHWM of its post-exec address space) on stderr.
+# ru_maxrss from wait4 is not usable: Linux carries the forked parent's high-water mark across
+# exec, so every child would report at least this (large) benchmark process's RSS.
+HWM_CMD = [sys.executable, "-c",
+           "import sys\n"
+           "from policy_server.cli import main\n"
+           "rc = main(sys.argv[1:])\n"
+           "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+           "print('BENCH_' + hwm[0].strip(), file=sys.stderr)\n"
+           "sys.exit(rc)"]
 
 CONFIGS = {
     # Qwen2-0.5B (Qwen/Qwen2-0.5B config.json)
@@ -117,8 +124,8 @@ def dir_bytes(d: Path) -> int:
 
 
 def run_admission(cmd: list[str]) -> tuple[dict, float, int, int]:
-    """Run one ``carve admit --json`` child; returns (report, wall s, peak RSS from wait4 bytes,
-    peak RSS sampled by psutil bytes)."""
+    """Run one ``carve admit --json`` child (``HWM_CMD``); returns (report, wall s, peak RSS bytes
+    from the child's VmHWM, peak RSS sampled by psutil every 50 ms, bytes)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -143,8 +150,7 @@ def run_admission(cmd: list[str]) -> tuple[dict, float, int, int]:
                for s, b in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
     for r in readers:
         r.start()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     wall = time.perf_counter() - t0
     stop.set()
     th.join()
@@ -152,8 +158,9 @@ def run_admission(cmd: list[str]) -> tuple[dict, float, int, int]:
         r.join()
     if proc.returncode != 0:
         raise SystemExit(f"admission failed (rc {proc.returncode}):\n{''.join(err_chunks)[-4000:]}")
-    # ru_maxrss is in KiB on Linux
-    return json.loads("".join(out_chunks)), wall, int(rusage.ru_maxrss) * 1024, peak[0]
+    hwm = [ln for ln in "".join(err_chunks).splitlines() if ln.startswith("BENCH_VmHWM")]
+    hwm_bytes = int(hwm[-1].split()[1]) * 1024 if hwm else peak[0]  # "VmHWM: 123 kB"
+    return json.loads("".join(out_chunks)), wall, hwm_bytes, peak[0]
 
 
 def svd_bench(shapes: dict, rank: int, reps: int, seed: int = 0) -> list[dict]:
@@ -233,16 +240,18 @@ def main(argv=None) -> int:
 
         # interpreter + torch + carve imports: subtracted so RSS/ckpt shows what admission adds
         _, _, base_rss, _ = run_admission(
-            [*CARVE_CMD[:2], "import json, torch, policy_server.merge.engine, "
-             "policy_server.state.store; print(json.dumps({}))"])
+            [sys.executable, "-c", "import json, sys, policy_server.merge.engine, "
+             "policy_server.state.store; from policy_server.cli import build_parser; "
+             "build_parser(); print(json.dumps({})); print('BENCH_' + [l for l in "
+             "open('/proc/self/status') if l.startswith('VmHWM')][0].strip(), file=sys.stderr)"])
         results["baseline_rss_bytes"] = base_rss
-        print(f"interpreter baseline RSS (python + torch + carve imports): "
+        print(f"interpreter baseline RSS (python + carve CLI imports, no work): "
               f"{base_rss / 2**20:.0f} MiB")
         state = work / "state"
         print(f"\n{'skill':<8} {'wall s':>8} {'peak RSS MiB':>13} {'(RSS-base)/ckpt':>16} "
               f"{'state/bank':>10} {'rank':>6} {'rel_err':>8} {'version':>9}")
         for i, edir in enumerate(dirs[1:]):
-            cmd = [*CARVE_CMD, "admit", str(state), "--base",
+            cmd = [*HWM_CMD, "admit", str(state), "--base",
                    str(dirs[0]), "--expert", str(edir), "--skill", f"skill{i}", "--json",
                    "--no-progress", "--store-dtype", args.store_dtype]
             if i == 0:  # method options are fixed by the first admission

@@ -233,6 +233,14 @@ def run_suite(client, suite: str = "libero_spatial", tasks: list[int] | None = N
     return result
 
 
+def _read_token(path: str | None) -> str | None:
+    """Bearer token from a file (kept off the command line, where ``ps`` shows it) or from the
+    ``CARVE_TOKEN`` environment variable."""
+    if path:
+        return open(path).read().strip()
+    return os.environ.get("CARVE_TOKEN") or None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.libero_client",
                                 description="Evaluate a carve-serve policy on LIBERO.")
@@ -250,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encode", choices=("raw", "jpeg", "png"), default="raw")
     p.add_argument("--video-dir", default=None)
     p.add_argument("--out", default=None, help="write the JSON result here")
-    p.add_argument("--token", default=None)
+    p.add_argument("--token-file", default=None,
+                   help="bearer token file (default: env CARVE_TOKEN, if set)")
     p.add_argument("--tls-root-cert", default=None)
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kwargs = {"center_crop": args.center_crop} if args.convention == "openvla" else {}
     conv = make_convention(args.convention, suite=args.suite, **kwargs)
-    client = PolicyClient(args.server, token=args.token or os.environ.get("CARVE_TOKEN"),
+    client = PolicyClient(args.server, token=_read_token(args.token_file),
                           tls_root_cert=args.tls_root_cert, timeout=args.timeout)
     tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else None
     try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -355,6 +356,14 @@ def _parse_camera(spec: str) -> tuple[str, dict]:
     return key, {"index_or_path": index_or_path, "width": w, "height": h, "fps": fps}
 
 
+def _read_token(path: str | None) -> str | None:
+    """Bearer token from a file (kept off the command line, where ``ps`` shows it) or from the
+    ``CARVE_TOKEN`` environment variable."""
+    if path:
+        return open(path).read().strip()
+    return os.environ.get("CARVE_TOKEN") or None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.so101_client", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,14 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--use-degrees", action=argparse.BooleanOptionalAction, default=None,
                    help="body joints in degrees (LeRobot 0.4.4 default) or [-100, 100]")
     p.add_argument("--encode", default="jpeg", choices=("raw", "jpeg", "png"))
-    p.add_argument("--token", default=None, help="bearer token (or env CARVE_TOKEN)")
+    p.add_argument("--token-file", default=None,
+                   help="bearer token file (default: env CARVE_TOKEN, if set)")
     p.add_argument("--tls-root-cert", default=None)
     p.add_argument("--timeout", type=float, default=2.0, help="per-request timeout, seconds")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    import os
-
     from clients.client import PolicyClient
 
     if args.robot == "so101":
@@ -399,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_steps=args.max_steps, duration_s=args.duration,
                        request_timeout_s=args.timeout, encode=args.encode,
                        camera_map=dict(m.split("=", 1) for m in args.camera_map))
-    client = PolicyClient(args.server, token=args.token or os.environ.get("CARVE_TOKEN"),
+    client = PolicyClient(args.server, token=_read_token(args.token_file),
                           tls_root_cert=args.tls_root_cert, timeout=args.timeout)
     runner = ArmPolicyRunner(client, robot, cfg, SafetyConfig(low, high, max_delta=args.max_delta))
     try:

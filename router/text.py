@@ -193,12 +193,9 @@ class TextRouter(Router):
             if not texts:
                 continue  # a skill with no instruction can only be selected by id
             skill_instr[name] = texts
-            try:
-                arts = snapshot.skill_artifacts(name) or {}
-            except Exception as e:  # unreadable artifacts must not stop routing: re-embed
-                log.warning("router artifacts of skill %r unreadable (%s); re-embedding", name, e)
-                arts = {}
-            emb = cached_embeddings(arts, texts, embedder)
+            # an unreadable/corrupt artifacts file is not swallowed: it is the skill's residual
+            # file too, so the state is broken and the store's IntegrityError must surface
+            emb = cached_embeddings(snapshot.skill_artifacts(name) or {}, texts, embedder)
             if emb is None:
                 stale.append(name)
             else:

@@ -83,10 +83,14 @@ def tree_digest(path: Path) -> dict[str, str]:
     return out
 
 
-store_mod = pytest.importorskip("policy_server.state.store",
-                                reason="state store (policy_server/state/store.py) not written yet")
 from policy_server.merge import engine  # noqa: E402
-from policy_server.state.store import StateStore  # noqa: E402
+
+try:
+    from policy_server.state.store import StateStore
+except ModuleNotFoundError:  # the store is another module's job; checkpoint merges run without it
+    StateStore = None
+needs_store = pytest.mark.skipif(StateStore is None,
+                                 reason="state store (policy_server/state/store.py) not available")
 
 CARVE4 = {"rank": 4}
 
@@ -99,6 +103,7 @@ def admit3(tmp, **kw):
     return state, bdir, edirs, base, experts, reports
 
 
+@needs_store
 def test_admit_three_experts_builds_state(tmp_path):
     state, bdir, edirs, base, experts, reports = admit3(tmp_path)
     assert [r["t"] for r in reports] == [1, 2, 3]
@@ -143,6 +148,7 @@ def test_admit_three_experts_builds_state(tmp_path):
     assert s["kinds"]["lowrank"] == 4 and s["kinds"]["dense"] == 3 and s["rank_max"] == 4
 
 
+@needs_store
 def test_unchanged_tensors_make_no_entry_and_keep_core(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=1)
     skip = ("model.layers.0.mlp.up_proj.weight", "model.norm.weight")
@@ -159,6 +165,7 @@ def test_unchanged_tensors_make_no_entry_and_keep_core(tmp_path):
     assert rep["tensors"]["unchanged"] == 2
 
 
+@needs_store
 def test_lora_expert_admission(tmp_path):
     bdir, edirs, base, _ = make_family(tmp_path, n=1)
     g = torch.Generator().manual_seed(3)
@@ -180,6 +187,7 @@ def test_lora_expert_admission(tmp_path):
     assert float((d - tau).norm() / tau.norm()) < 0.5
 
 
+@needs_store
 def test_bad_input_writes_nothing(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=2)
     state = tmp_path / "state"
@@ -234,6 +242,7 @@ def test_bad_input_writes_nothing(tmp_path):
     assert "pickled" in StateStore(state).open().skill_names()
 
 
+@needs_store
 def test_replace_readmits_and_keeps_core(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=3)
     state = tmp_path / "state"
@@ -255,6 +264,7 @@ def test_replace_readmits_and_keeps_core(tmp_path):
     assert snap.skill("b")["source"]["path"] == str(edirs[2].resolve())
 
 
+@needs_store
 def test_value_subspace_hook_artifacts(tmp_path):
     from policy_server.merge.hooks import ValueSubspaceHook
 
@@ -275,6 +285,7 @@ def test_value_subspace_hook_artifacts(tmp_path):
                      hooks=[ValueSubspaceHook(["*.nothing"])])
 
 
+@needs_store
 def test_drift_compensation_refits_earlier_skills(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=2)
     state = tmp_path / "state"
@@ -320,6 +331,7 @@ def test_merge_ties_global_observe_pass(tmp_path):
     assert 0 < changed < total  # trimmed: not every coordinate moves
 
 
+@needs_store
 def test_merge_per_skill_methods_write_state(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=2)
     out = tmp_path / "tall"
@@ -346,3 +358,28 @@ def test_merge_per_skill_methods_write_state(tmp_path):
     # a state is never overwritten by merge
     with pytest.raises(InputError, match="exists"):
         engine.merge("tall_mask", bdir, edirs, out, overwrite=True, progress=False)
+
+
+def test_merge_checkpoint_loads_with_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base", safe_serialization=True)
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    g = torch.Generator().manual_seed(2)
+    edirs, taus = [], []
+    for i in range(2):
+        tau = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in base.items()}
+        taus.append(tau)
+        edirs.append(write_checkpoint(tmp_path / f"e{i}", {k: base[k] + tau[k] for k in base},
+                                      config=cfg.to_dict()))
+    out = tmp_path / "merged"
+    engine.merge("task_arithmetic", tmp_path / "base", edirs, out, options={"lam": 0.5},
+                 progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    sd = model.state_dict()
+    for k, v in base.items():
+        torch.testing.assert_close(sd[k], v + 0.5 * (taus[0][k] + taus[1][k]), atol=1e-6, rtol=0)
+    assert (out / "generation_config.json").is_file()  # non-weight files come from the base

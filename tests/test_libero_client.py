@@ -99,6 +99,34 @@ def test_run_episode_rejects_wrong_spec():
     assert ep.calls[0][0].shape == (0,)
 
 
+def test_run_episode_feeds_real_demo_vla_backend():
+    """The convention's output goes through a real (untrained) demo VLA with a LIBERO-shaped spec:
+    8-D state, one 64x64 camera, 7-D chunks; its actions come back post-processed for the env."""
+    torch = pytest.importorskip("torch")
+    from policy_server.models.base import ObservationBatch
+    from policy_server.models.demo_vla import DemoVLABackend, DemoVLAConfig
+
+    backend = DemoVLABackend(DemoVLAConfig(state_dim=8, action_dim=7, chunk_length=4,
+                                           hidden_dim=32, mlp_dim=64, cameras={"image": [64, 64]},
+                                           action_low=[-1.0] * 6 + [0.0], action_high=[1.0] * 7))
+
+    class Ep:
+        spec = backend.spec
+
+        def infer(self, state, images=None, encode="raw"):
+            batch = ObservationBatch(state=state[None], instructions=["put the bowl on the plate"],
+                                     images={k: v[None] for k, v in images.items()})
+            with torch.inference_mode():
+                return np.clip(backend.predict(batch)[0].numpy(), -1.0, 1.0)
+
+    env = ScriptedEnv()
+    conv = lp.make_convention("openvla", jpeg=True, replan_steps=2)
+    res = lc.run_episode(Ep(), env, None, "put the bowl on the plate", conv, max_steps=8)
+    assert res["requests"] == 4 and res["steps"] == 8
+    acts = np.array(env.actions[lp.NUM_STEPS_WAIT:])
+    assert acts.shape == (8, 7) and np.all(np.isin(acts[:, -1], [-1.0, 0.0, 1.0]))
+
+
 def test_run_suite_real_libero(tmp_path):
     """Real LIBERO (libero_spatial task 0, its init state 0, 128x128 render) driven by the client:
     the 'policy' commands +z with the gripper closing, and the simulated arm must do exactly that."""

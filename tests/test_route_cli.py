@@ -64,14 +64,7 @@ def _real_state(path, embedder):
     return store.open()
 
 
-@pytest.fixture()
-def fake_store(monkeypatch, embedder, tmp_path):
-    """Installs a stand-in ``policy_server.state.store`` whose StateStore(path).open() returns a
-    snapshot built from SKILLS (used when the real store is not importable, and to test the CLI
-    independently of it)."""
-    snap = _FakeSnapshot({n: {"instructions": v, "description": ""} for n, v in SKILLS.items()},
-                         {n: text_router_artifacts(v, embedder) for n, v in SKILLS.items()})
-
+def _install_fake_store(monkeypatch, snap):
     class FakeStore:
         def __init__(self, path):
             self.path = path
@@ -82,6 +75,16 @@ def fake_store(monkeypatch, embedder, tmp_path):
     mod = types.ModuleType("policy_server.state.store")
     mod.StateStore = FakeStore
     monkeypatch.setitem(sys.modules, "policy_server.state.store", mod)
+
+
+@pytest.fixture()
+def fake_store(monkeypatch, embedder, tmp_path):
+    """Installs a stand-in ``policy_server.state.store`` whose StateStore(path).open() returns a
+    snapshot built from SKILLS (used when the real store is not importable, and to test the CLI
+    independently of it)."""
+    snap = _FakeSnapshot({n: {"instructions": v, "description": ""} for n, v in SKILLS.items()},
+                         {n: text_router_artifacts(v, embedder) for n, v in SKILLS.items()})
+    _install_fake_store(monkeypatch, snap)
     return snap
 
 
@@ -149,3 +152,37 @@ def test_cli_equals_api_on_real_store(capsys, embedder, tmp_path):
     lines = _cli_json(capsys, tmp_path / "state")
     assert embedder.sentences - before == len(QUERIES)  # cached embeddings were used
     _assert_same(lines, build_router("text", snap, {"embedder": embedder}))
+
+
+def test_cli_hybrid_with_image_and_state_equals_api(capsys, monkeypatch, embedder, tmp_path):
+    """--image/--state build the same first observation the API gets: same hybrid decision."""
+    import cv2
+    import numpy as np
+
+    from policy_server.models.base import ObservationBatch
+    from router.hybrid import observation_prototype_artifacts
+
+    def frame(scene):
+        img = np.zeros((1, 32, 32, 3), np.uint8)
+        img[..., 0 if scene == 0 else 2] = 200
+        st = np.full((1, 4), 1.0 if scene == 0 else -1.0, np.float32)
+        return ObservationBatch(state=st, instructions=[""], images={"agentview": img})
+
+    skills = {"stove_scene": ["put the bowl on the plate"],
+              "cabinet_scene": ["put the bowl on the plate"]}
+    arts = {n: {**text_router_artifacts(v, embedder),
+                **observation_prototype_artifacts([frame(i), frame(i)])}
+            for i, (n, v) in enumerate(skills.items())}
+    snap = _FakeSnapshot({n: {"instructions": v} for n, v in skills.items()}, arts)
+    _install_fake_store(monkeypatch, snap)
+    png = tmp_path / "first.png"
+    obs = frame(1)
+    cv2.imwrite(str(png), cv2.cvtColor(obs.images["agentview"][0], cv2.COLOR_RGB2BGR))
+    capsys.readouterr()
+    rc = main(["route", str(tmp_path), "put the bowl on the plate", "--router", "hybrid",
+               "--image", f"agentview={png}", "--state=-1,-1,-1,-1", "--json"])
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out)
+    d = build_router("hybrid", snap, {"embedder": embedder}).route("put the bowl on the plate", obs)
+    assert line["skill"] == d.skill == "cabinet_scene"
+    assert line["confidence"] == d.confidence and line["reason"] == d.reason

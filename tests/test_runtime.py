@@ -15,7 +15,7 @@ from torch import nn
 from policy_server.errors import StateError
 from policy_server.merge.entries import Dense, LowRank, Masked, skill_delta
 from policy_server.models.base import ImageSpec, ObservationBatch, PolicyBackend, PolicySpec
-from policy_server.runtime import PolicyRuntime, ResidualLinear, SidePathError
+from policy_server.runtime import PolicyRuntime, ResidualEmbedding, ResidualLinear, SidePathError
 from policy_server.runtime.skill_bank import ResidualStack
 
 STATE, HID, TOK, CHUNK, ACT, VOCAB = 6, 32, 5, 4, 3, 50
@@ -256,6 +256,21 @@ def test_residual_linear_applies_each_rows_residual_for_3d_inputs(rows, segmente
     torch.testing.assert_close(layer(x), base(x))
 
 
+def test_residual_embedding_one_token_per_row():
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 6)
+    g = torch.Generator().manual_seed(4)
+    lr, dense = lowrank((10, 6), 3, g, 1.0), torch.randn(10, 6, generator=g)
+    st = ResidualStack("e", base.weight, 2, {1: lr}, {2: dense})
+    layer = ResidualEmbedding.wrap(base, "emb", st)
+    ids, rows = torch.tensor([4, 4, 7]), [1, 2, 0]
+    st.bind(rows, torch.tensor(rows))
+    y = layer(ids)
+    w = base.weight.detach()
+    want = torch.stack([(w + lr.materialize())[4], (w + dense)[4], w[7]])
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
 class FlatBackend(ToyBackend):
     """Feeds fc1 a (B*2, H) input: not batch-major, so the side path must refuse it."""
 
@@ -399,3 +414,35 @@ def test_tied_weights_take_one_delta_and_use_fused_groups():
     np.testing.assert_allclose(rt.infer(batch, ["a", None]), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(StateError, match="tied tensors"):
         PolicyRuntime(TiedBackend(), MemSnapshot({"embed.weight": c, "head.weight": 2 * c}, {}))
+
+
+def test_auto_merges_only_when_the_single_skill_changes(monkeypatch):
+    rt = PolicyRuntime(ToyBackend(), make_snapshot(), mode="auto")
+    merged = []
+    orig = ResidualStack.add_into
+    monkeypatch.setattr(ResidualStack, "add_into",
+                        lambda self, w, g: (merged.append((self.key, g)), orig(self, w, g)))
+    b2 = make_batch(2)
+    pick = rt.skill_index("pick")
+    rt.infer(b2, ["pick", "pick"])
+    assert len(merged) == len(rt.bank.touched(pick)) and rt.active_skill == "pick"
+    rt.infer(b2, ["pick", "pick"])  # same skill again: no switch, no weight edit
+    assert len(merged) == len(rt.bank.touched(pick))
+    rt.infer(b2, ["pick", "push"])  # mixed: back to base + core, side path
+    assert rt.active_skill is None and len(merged) == len(rt.bank.touched(pick))
+    rt.infer(b2, [None, None])      # core-only batch while at base + core: nothing to do
+    assert rt.active_skill is None and len(merged) == len(rt.bank.touched(pick))
+    rt.infer(b2, ["push", "push"])
+    assert rt.active_skill == "push" and {g for _, g in merged} == {pick, rt.skill_index("push")}
+
+
+@pytest.mark.parametrize("mode", ["fused", "side"])
+def test_bfloat16_model_tracks_the_float32_reference(mode):
+    snap, batch = make_snapshot(), make_batch(len(MIXED))
+    ref = reference_actions(snap, batch, MIXED)
+    skill_effect = np.abs(ref - reference_actions(snap, batch, [None] * len(MIXED))).max()
+    rt = PolicyRuntime(ToyBackend(), snap, mode=mode, dtype=torch.bfloat16)
+    assert all(st.P is None or st.P.dtype == torch.bfloat16 for st in rt.bank.stacks.values())
+    err = np.abs(rt.infer(batch, MIXED) - ref).max()
+    # bf16 rounding (~2^-8 relative) stays well below what the skills change
+    assert err < 0.05 * skill_effect, (err, skill_effect)

@@ -23,7 +23,8 @@ from policy_server.errors import InputError
 
 def register(sub) -> None:
     p = sub.add_parser("route", help="route instructions to skills with the state's router",
-                       description=__doc__.split("\n\n")[0])
+                       description="Ask the router of a merge state which skill would run each "
+                                   "instruction (one decision per instruction).")
     p.add_argument("state_dir", metavar="STATE_DIR", help="merge-state directory")
     p.add_argument("instructions", nargs="*", metavar="INSTRUCTION", help="instructions to route")
     p.add_argument("--file", "-f", action="append", default=[], metavar="FILE",
@@ -45,7 +46,8 @@ def register(sub) -> None:
                    help="first-observation image for the vsubspace/hybrid routers (PNG/JPEG); "
                         "CAMERA defaults to the model's first camera or 'image'")
     p.add_argument("--state", dest="obs_state", default=None, metavar="V,V,...",
-                   help="first-observation state vector (comma-separated floats)")
+                   help="first-observation state vector (comma-separated floats; write --state=-1,2 "
+                        "when it starts with a minus sign)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="the base model directory (needed by the vsubspace router and by hybrid "
                         "with value-subspace scores); the state's core is folded in")

@@ -243,8 +243,8 @@ def admit(state_dir, base_dir, expert_dir, skill: str, instructions: Sequence[st
     """Admit one expert (full checkpoint or PEFT LoRA adapter) into the merge state ``state_dir``.
 
     The first admission creates the state with ``method`` + ``options`` (and ``store_dtype``,
-    default float32); later ones must name the same method (``method=None``: the state's), and any option given again must equal
-    the stored one. ``replace=True`` re-admits an existing skill (see the module docstring: the
+    default float32); later ones must name the same method (``method=None``: the state's), and
+    any option given again must equal the stored one. ``replace=True`` re-admits an existing skill (see the module docstring: the
     core keeps the old contribution). Returns a report dict: version, skill, t, method, storage
     (the store's accounting of the new version), tensors (summary of ranks/errors per kind),
     wall_s.

@@ -60,10 +60,10 @@ def _share(base: nn.Module, cls: type) -> nn.Module:
     return layer
 
 
-def _rows(layer_name: str, stacks, x: torch.Tensor) -> int:
+def _rows(layer_name: str, stacks, x: torch.Tensor, min_dim: int = 2) -> int:
     """Bound batch size B, after checking the input is batch-major."""
     b = next(st.batch_size for st in stacks if st is not None)
-    if x.dim() < 2 or x.shape[0] != b:
+    if x.dim() < min_dim or x.shape[0] != b:
         raise SidePathError(
             f"side path: layer {layer_name!r} received input of shape {tuple(x.shape)} but the "
             f"batch has {b} rows; per-row residuals need the batch as leading dimension "
@@ -73,10 +73,6 @@ def _rows(layer_name: str, stacks, x: torch.Tensor) -> int:
 
 def _active(st: ResidualStack | None) -> bool:
     return st is not None and (st.lr_rows is not None or st.dense_rows is not None)
-
-
-def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else a + b
 
 
 def _row_view(t: torch.Tensor, ndim: int, trailing: int) -> torch.Tensor:
@@ -194,15 +190,15 @@ class ResidualEmbedding(nn.Embedding):
         w = self.weight_res
         if not _active(w):
             return y
-        b = _rows(self.layer_name, (w,), ids)
+        b = _rows(self.layer_name, (w,), ids, min_dim=1)  # ids may be (B,): one token per row
         ids2 = ids.reshape(b, -1)  # (B, L)
-        d = None
+        y3 = y.view(b, -1, self.embedding_dim)  # fresh output: accumulate in place
         if w.lr_rows is not None:
             p_rows = w.P[w.lr_rows.unsqueeze(1), ids2]  # (B, L, r): row ids of each row's P_k
-            d = torch.bmm(p_rows, w.Q.index_select(0, w.lr_rows))  # (B, L, dim)
+            y3.baddbmm_(p_rows, w.Q.index_select(0, w.lr_rows))  # + (B, L, r) @ (B, r, dim)
         if w.dense_rows is not None:
-            d = _add(d, w.D[w.dense_rows.unsqueeze(1), ids2])
-        return (y.reshape(b, -1, self.embedding_dim) + d).reshape(y.shape)
+            y3.add_(w.D[w.dense_rows.unsqueeze(1), ids2])
+        return y
 
 
 @dataclass

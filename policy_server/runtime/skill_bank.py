@@ -130,9 +130,6 @@ class ResidualStack:
     def has(self, skill: int) -> bool:
         return bool(self.lr_slot[skill] or self.dense_slot[skill])
 
-    def skills(self) -> list[int]:
-        return [g for g in range(1, len(self.lr_slot)) if self.has(g)]
-
     def add_into(self, w32: torch.Tensor, skill: int) -> None:
         """``w32 += residual(skill)`` in place, ``w32`` float32 of this parameter's shape: one
         ``addmm_`` at the skill's own rank (no dense temporary), or one ``add_``."""

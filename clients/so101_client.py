@@ -94,8 +94,8 @@ class ArmRunConfig:
     """Parameters of one run. ``hz``: control rate; ``prefetch_steps``: request the next chunk when
     at most this many rows of the newest chunk remain (default: half a chunk, >= 1);
     ``max_steps``/``duration_s``: stop after that many ticks / seconds (None = until stopped);
-    ``camera_map``: server image key -> robot camera key (default: same name, else declaration
-    order); ``encode``: image transport ("raw" | "jpeg" | "png")."""
+    ``camera_map``: server image key -> robot camera key (default: same name or LeRobot's
+    ``observation.images.<name>``, else declaration order); ``encode``: image transport ("raw" | "jpeg" | "png")."""
 
     instruction: str
     hz: float = 30.0
@@ -178,6 +178,10 @@ class ArmPolicyRunner:
                 cam = self.config.camera_map[key]
             elif key in self.cameras:
                 cam = key
+            elif key.rsplit(".", 1)[-1] in self.cameras:  # LeRobot "observation.images.<cam>"
+                cam = key.rsplit(".", 1)[-1]
+                if cam in unnamed:
+                    unnamed.remove(cam)
             elif unnamed:
                 cam = unnamed.pop(0)
             else:

@@ -158,8 +158,8 @@ class TextRouter(Router):
         for j, s in enumerate(self.skills):
             e = embeddings[s].to(torch.float32)
             if e.ndim != 2 or e.shape[0] != len(self.instructions[s]):
-                raise InputError(f"embeddings for skill {s!r} have shape {tuple(e.shape)}, expected "
-                                 f"({len(self.instructions[s])}, d)")
+                raise InputError(f"embeddings for skill {s!r} have shape {tuple(e.shape)}, "
+                                 f"expected ({len(self.instructions[s])}, d)")
             e = torch.nn.functional.normalize(e, dim=1)
             mats.append(e)
             owner += [j] * e.shape[0]

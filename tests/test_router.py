@@ -158,7 +158,8 @@ def test_shared_instruction_abstains_on_text(embedder):
     r = TextRouter({"a": ["put the bowl on the plate"], "b": ["put the bowl on the plate"],
                     "c": ["open the drawer"]}, embedder)
     d = r.route("put the bowl on the plate")
-    assert d.abstained and "min_margin" in d.reason and {d.candidates[0][0], d.runner_up} == {"a", "b"}
+    assert d.abstained and "min_margin" in d.reason
+    assert {d.candidates[0][0], d.runner_up} == {"a", "b"}
 
 
 def test_text_router_bad_options(embedder):
@@ -283,7 +284,8 @@ def test_vsubspace_router_picks_right_skill_on_synthetic_experts():
     for name, (_, _, Us) in experts.items():
         for _ in range(5):
             # first observation: 6 context tokens mostly in the skill's input subspace + noise
-            ctx = (torch.randn(1, 6, K, generator=g) @ Us.T) + 0.3 * torch.randn(1, 6, D, generator=g)
+            ctx = ((torch.randn(1, 6, K, generator=g) @ Us.T)
+                   + 0.3 * torch.randn(1, 6, D, generator=g))
             d = r.route("ignored", ctx)
             assert d.skill == name and not d.abstained, (name, d)
             assert d.confidence > 0.9
@@ -339,8 +341,9 @@ def test_hybrid_disambiguates_shared_instruction(embedder):
     instr = {"bowl_stove_scene": ["put the bowl on the plate", "turn on the stove"],
              "bowl_cabinet_scene": ["put the bowl on the plate", "open the top drawer"],
              "ketchup": ["pick up the ketchup and place it in the basket"]}
-    arts = {"bowl_stove_scene": observation_prototype_artifacts([_scene_obs(0, rng) for _ in range(4)]),
-            "bowl_cabinet_scene": observation_prototype_artifacts([_scene_obs(1, rng) for _ in range(4)]),
+    demos = {scene: [_scene_obs(scene, rng) for _ in range(4)] for scene in (0, 1)}
+    arts = {"bowl_stove_scene": observation_prototype_artifacts(demos[0]),
+            "bowl_cabinet_scene": observation_prototype_artifacts(demos[1]),
             "ketchup": observation_prototype_artifacts([_scene_obs(0, rng)])}
     assert arts["ketchup"][KEY_OBS_PROTOTYPES].shape == (1, 8 + 8 * 8 * 3)
     snap = FakeSnapshot({s: {"instructions": v} for s, v in instr.items()}, arts)
@@ -354,7 +357,8 @@ def test_hybrid_disambiguates_shared_instruction(embedder):
             d = hybrid.route(q, _scene_obs(scene, rng))
             assert d.skill == want and not d.abstained, d
     # a decisive instruction is not overridden by a scene it shares with another skill
-    assert hybrid.route("grab the ketchup, put it in the basket", _scene_obs(0, rng)).skill == "ketchup"
+    d = hybrid.route("grab the ketchup, put it in the basket", _scene_obs(0, rng))
+    assert d.skill == "ketchup"
     # out-of-domain text stays abstained whatever the observation
     assert hybrid.route("make me a coffee", _scene_obs(0, rng)).abstained
     # no observation: the text decision

@@ -230,6 +230,15 @@ def test_runner_unreachable_server_is_safe():
     assert time.monotonic() - t < 10 and not robot.is_connected
 
 
+def test_image_plan_matches_lerobot_keys_and_order():
+    ep = EpisodeDouble([0.0] * J)
+    runner, _ = _runner(ep, robot=FakeRobot(cameras={"top": (40, 40), "wrist": (30, 30)}))
+    plan = runner._image_plan({"observation.images.wrist": (16, 16), "cam_high": (8, 8)})
+    assert plan == {"observation.images.wrist": ("wrist", (16, 16)), "cam_high": ("top", (8, 8))}
+    with pytest.raises(ValueError, match="robot cameras"):
+        runner._image_plan({"a": (8, 8), "b": (8, 8), "c": (8, 8)})
+
+
 def test_parse_camera():
     assert _parse_camera("front=0:640x480") == ("front", {"index_or_path": 0, "width": 640,
                                                           "height": 480, "fps": 30})

@@ -46,8 +46,8 @@ def register(sub) -> None:
                    help="first-observation image for the vsubspace/hybrid routers (PNG/JPEG); "
                         "CAMERA defaults to the model's first camera or 'image'")
     p.add_argument("--state", dest="obs_state", default=None, metavar="V,V,...",
-                   help="first-observation state vector (comma-separated floats; write --state=-1,2 "
-                        "when it starts with a minus sign)")
+                   help="first-observation state vector (comma-separated floats; write "
+                        "--state=-1,2 when it starts with a minus sign)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="the base model directory (needed by the vsubspace router and by hybrid "
                         "with value-subspace scores); the state's core is folded in")

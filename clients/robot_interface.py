@@ -203,14 +203,17 @@ class FakeRobot:
 
 
 def make_so101(port: str, cameras: dict[str, dict] | None = None, robot_id: str | None = None,
-               use_degrees: bool | None = None, max_relative_target: float | None = None) -> Robot:
+               use_degrees: bool | None = None, max_relative_target: float | None = None,
+               disable_torque_on_disconnect: bool = True) -> Robot:
     """Build a real ``SO101Follower``, importing LeRobot only now.
 
     LeRobot 0.4.4 (the last for Python 3.11) ships it as ``lerobot.robots.so_follower``
     (``SO101FollowerConfig`` is an alias of ``SOFollowerRobotConfig``, ``use_degrees`` defaults to
     True); older/newer layouts have ``lerobot.robots.so101_follower``: both are tried.
     cameras: key -> ``{"index_or_path": 0 | "/dev/video0", "width": 640, "height": 480, "fps": 30}``
-    (``OpenCVCameraConfig`` fields); use_degrees None = LeRobot's default. Raises ``ImportError``
+    (``OpenCVCameraConfig`` fields); use_degrees None = LeRobot's default;
+    disable_torque_on_disconnect=False keeps the servos holding after a stop (LeRobot's default
+    True lets an unsupported arm drop under gravity once the client disconnects). Raises ``ImportError``
     with install instructions when LeRobot is missing (it cannot live beside the server's torch)."""
     try:
         from lerobot.cameras.opencv.configuration_opencv import OpenCVCameraConfig
@@ -225,7 +228,8 @@ def make_so101(port: str, cameras: dict[str, dict] | None = None, robot_id: str 
             "-r requirements-robot.txt && .venv-robot/bin/pip install --no-deps -e . "
             f"(see docs/CLIENTS.md). Import failed: {e}") from e
     cams = {k: OpenCVCameraConfig(**v) for k, v in (cameras or {}).items()}
-    kwargs: dict[str, Any] = dict(port=port, cameras=cams, max_relative_target=max_relative_target)
+    kwargs: dict[str, Any] = dict(port=port, cameras=cams, max_relative_target=max_relative_target,
+                                  disable_torque_on_disconnect=disable_torque_on_disconnect)
     if use_degrees is not None:
         kwargs["use_degrees"] = use_degrees
     if robot_id is not None:

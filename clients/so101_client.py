@@ -41,36 +41,21 @@ from typing import Any
 
 import numpy as np
 
+from clients.blending import ChunkBlender
 from clients.robot_interface import (FakeRobot, Robot, camera_names, default_limits, make_so101,
                                      motor_names, uses_degrees)
 from clients.safety import SafetyConfig, SafetyFilter, SafetyStop, hold_position
 
 log = logging.getLogger("carve.so101")
 
-try:  # the blending helper is a sibling module of the client library
-    from clients.blending import ChunkBlender
-except ImportError:  # pragma: no cover - only while clients/blending.py is not there yet
-    ChunkBlender = None  # type: ignore[assignment]
-
-
-class _LatestOnlyBlender:
-    """Fallback used only when ``clients.blending`` is unavailable: the newest chunk wins."""
-
-    def __init__(self, mode: str = "latest-only"):
-        self._start = 0
-        self._chunk: np.ndarray | None = None
-
-    def add(self, start_step: int, chunk: np.ndarray) -> None:
-        self._start, self._chunk = start_step, np.asarray(chunk, np.float32)
-
-    def action(self, step: int) -> np.ndarray | None:
-        if self._chunk is None or not 0 <= step - self._start < len(self._chunk):
-            return None
-        return self._chunk[step - self._start]
+_BLEND_ALIASES = {"weighted": "weighted_average", "latest": "latest_only"}
 
 
 def _make_blender(mode: str):
-    return ChunkBlender(mode) if ChunkBlender is not None else _LatestOnlyBlender(mode)
+    """``clients.blending.ChunkBlender`` for ``mode`` (latest_only | average | weighted_average |
+    conservative; hyphens and the short forms "weighted"/"latest" accepted)."""
+    mode = mode.replace("-", "_")
+    return ChunkBlender(_BLEND_ALIASES.get(mode, mode))
 
 
 def spec_value(spec: Any, name: str, default: Any = None) -> Any:
@@ -101,7 +86,7 @@ class ArmRunConfig:
     hz: float = 30.0
     skill: str | None = None
     chunk_length: int | None = None
-    blend: str = "weighted"
+    blend: str = "weighted_average"
     prefetch_steps: int | None = None
     max_steps: int | None = None
     duration_s: float | None = None
@@ -384,11 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hz", type=float, default=30.0)
     p.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--blend", default="weighted", help="latest-only | average | weighted")
+    p.add_argument("--blend", default="weighted_average",
+                   help="latest_only | average | weighted_average | conservative")
     p.add_argument("--prefetch-steps", type=int, default=None)
     p.add_argument("--max-delta", type=float, default=2.0, help="max command change per tick")
     p.add_argument("--use-degrees", action=argparse.BooleanOptionalAction, default=None,
                    help="body joints in degrees (LeRobot 0.4.4 default) or [-100, 100]")
+    p.add_argument("--keep-torque", action="store_true",
+                   help="so101: leave torque on after a stop (the arm keeps holding its pose)")
     p.add_argument("--encode", default="jpeg", choices=("raw", "jpeg", "png"))
     p.add_argument("--token-file", default=None,
                    help="bearer token file (default: env CARVE_TOKEN, if set)")
@@ -400,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.robot == "so101":
         robot: Robot = make_so101(args.port, dict(args.camera), robot_id=args.robot_id,
-                                  use_degrees=args.use_degrees)
+                                  use_degrees=args.use_degrees,
+                                  disable_torque_on_disconnect=not args.keep_torque)
     else:
         robot = FakeRobot(cameras={k: (v["height"], v["width"]) for k, v in args.camera} or None)
     motors = motor_names(robot)

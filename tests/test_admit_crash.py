@@ -74,48 +74,70 @@ def _kill_during_staging(cmd, state, known, env) -> int | None:
     return None
 
 
-def test_sigkill_mid_admission_keeps_previous_version(tmp_path):
-    bdir, (e0, e1) = _family(tmp_path)
-    pristine = tmp_path / "state0"
-    v1 = engine.admit(pristine, bdir, e0, "a", options={"rank": 8, "svd": "randomized"},
-                    progress=False)["version"]
-    env = dict(os.environ)
-    cmd_tail = ["--base", str(bdir), "--expert", str(e1), "--skill", "b", "--no-progress"]
-
-    killed = None
-    for attempt in range(3):  # the staging window is short; a fresh copy per attempt
-        state = tmp_path / f"state{attempt + 1}"
-        shutil.copytree(pristine, state, symlinks=True)
-        before = tree_digest(state)
-        known = set(os.listdir(state / "versions"))
-        cmd = [*CARVE_CMD, "admit", str(state), *cmd_tail]
-        t0 = time.monotonic()
-        rc = _kill_during_staging(cmd, state, known, env)
-        print(f"attempt {attempt}: rc {rc} after {time.monotonic() - t0:.1f}s")
-        if rc is not None:
-            killed = state
-            break
-    assert killed is not None, "never caught the admission while it was staging"
-    assert rc == -signal.SIGKILL
-    state = killed
-
+def _check_survived(state, pristine, v1, before, cmd_tail):
+    """After a SIGKILL: v1 is current, verifies and loads unchanged; a re-run commits."""
     store = StateStore(state)
     assert store.current_version() == v1
-    rep = store.verify()
-    assert rep  # verify() raises IntegrityError on a bad file; it returned a report
+    store.verify()  # raises IntegrityError on any bad file of v1
     snap = store.open(verify=True)
     assert snap.version == v1 and snap.skill_names() == ["a"]
     ref = StateStore(pristine).open()
+    core = snap.core()
     for k, t in ref.core().items():
-        assert torch.equal(snap.core()[k], t), k
-    # the committed files are untouched; only staging leftovers (ignored by readers) may differ
+        assert torch.equal(core[k], t), k
+    # v1's files are untouched; only staging leftovers (never read) may have appeared
     after = tree_digest(state)
     for path, digest in before.items():
-        assert after.get(path) == digest, path
-
-    # a re-run of the same admission succeeds and commits the next version
+        if path not in ("LOCK",):
+            assert after.get(path) == digest, path
     r = subprocess.run([*CARVE_CMD, "admit", str(state), *cmd_tail],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     snap = StateStore(state).open(verify=True)
     assert sorted(snap.skill_names()) == ["a", "b"] and snap.version != v1
+
+
+def test_sigkill_mid_admission_keeps_previous_version(tmp_path):
+    bdir, (e0, e1) = _family(tmp_path)
+    pristine = tmp_path / "state0"
+    v1 = engine.admit(pristine, bdir, e0, "a", options={"rank": 8, "svd": "randomized"},
+                      progress=False)["version"]
+    cmd_tail = ["--base", str(bdir), "--expert", str(e1), "--skill", "b", "--no-progress"]
+    env0 = {k: v for k, v in os.environ.items() if not k.startswith("CARVE_TEST_PAUSE")}
+
+    # 1) deterministic: the store's test hook parks the admission at a stage, we SIGKILL it there
+    for stage in ("files-written", "before-current"):
+        state = tmp_path / f"state-{stage}"
+        shutil.copytree(pristine, state, symlinks=True)
+        before = tree_digest(state)
+        marker = tmp_path / f"marker-{stage}"
+        env = dict(env0, CARVE_TEST_PAUSE_AT=stage, CARVE_TEST_PAUSE_MARKER=str(marker),
+                   CARVE_TEST_PAUSE_SECONDS="120")
+        proc = subprocess.Popen([*CARVE_CMD, "admit", str(state), *cmd_tail], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "admission never reached " + stage
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert marker.read_text() == stage
+        _check_survived(state, pristine, v1, before, cmd_tail)
+
+    # 2) no hook: kill as soon as anything new appears under versions/ (a staging directory)
+    killed = None
+    for attempt in range(3):  # the natural staging window is short; a fresh copy per attempt
+        state = tmp_path / f"state-natural{attempt}"
+        shutil.copytree(pristine, state, symlinks=True)
+        before = tree_digest(state)
+        known = set(os.listdir(state / "versions"))
+        cmd = [*CARVE_CMD, "admit", str(state), *cmd_tail]
+        rc = _kill_during_staging(cmd, state, known, env0)
+        if rc is not None:
+            killed = state
+            break
+    assert killed is not None, "never caught the admission while it was staging"
+    assert rc == -signal.SIGKILL
+    _check_survived(killed, pristine, v1, before, cmd_tail)

@@ -143,6 +143,9 @@ def test_cli_bad_input_exit_codes(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no instruction given" in r.stderr
     assert main(["route", str(tmp_path), "--file", str(tmp_path / "missing.txt")]) == 2
+    # a directory that is no merge state: StateError -> exit code 3
+    pytest.importorskip("policy_server.state.store")
+    assert main(["route", str(tmp_path / "no-state"), "turn on the stove"]) == 3
 
 
 def test_cli_equals_api_on_real_store(capsys, embedder, tmp_path):

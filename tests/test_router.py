@@ -407,3 +407,51 @@ def test_factory_vsubspace_and_hybrid_with_value_subspace(embedder):
         assert vs.route("", ctx).skill == name
         d = hy.route("put the bowl on the plate", ctx)
         assert d.skill == name and not d.abstained, d
+
+
+def test_admission_hooks_end_to_end_with_demo_vla(tmp_path, embedder):
+    """Admit two demo-VLA experts through the real engine with the router hooks, then route from
+    the stored state: text from cached embeddings (no re-embedding), value subspace from the
+    stored bases with the base + core model."""
+    demo = pytest.importorskip("policy_server.models.demo_vla")
+    engine = pytest.importorskip("policy_server.merge.engine")
+    store_mod = pytest.importorskip("policy_server.state.store")
+    torch.manual_seed(0)
+    cfg = demo.DemoVLAConfig(state_dim=8, hidden_dim=32, mlp_dim=64, vocab_size=256, text_dim=16)
+    base = demo.DemoVLABackend(cfg)
+    base.save_pretrained(tmp_path / "base")
+    key = base.value_projection_names()[-1]
+    fn = module_feature_fn(base.module, key, base.predict)
+    rng = np.random.default_rng(0)
+
+    def obs(scene):
+        st = rng.normal(2.0 if scene == 0 else -2.0, 0.1, (1, 8)).astype(np.float32)
+        return ObservationBatch(state=st, instructions=["tidy the table"])
+
+    instr = {"scene0": ["put the bowl in the sink", "tidy the table"],
+             "scene1": ["put the mug on the shelf", "tidy the table"]}
+    w0 = base.module.get_parameter(key).detach().clone()
+    for i, skill in enumerate(instr):
+        X = torch.cat([fn(obs(i)) for _ in range(6)])
+        top = torch.linalg.svd(X, full_matrices=False)[2][:4]  # the scene's input directions
+        expert = demo.DemoVLABackend(cfg, module=demo.DemoVLAModule(cfg))
+        expert.module.load_state_dict(base.module.state_dict())
+        with torch.no_grad():
+            expert.module.get_parameter(key).add_(3.0 * torch.randn(w0.shape[0], 4) @ top)
+        expert.save_pretrained(tmp_path / skill)
+        hooks = [VSubspaceHook.for_backend(base), TextEmbeddingHook(instr[skill], embedder)]
+        engine.admit(tmp_path / "state", tmp_path / "base", tmp_path / skill, skill,
+                     instructions=instr[skill], hooks=hooks, progress=False)
+    snap = store_mod.StateStore(tmp_path / "state").open()
+    assert snap.skill_names() == ["scene0", "scene1"]
+    assert ARTIFACT_PREFIX + key in snap.skill_artifacts("scene1")
+    before = embedder.sentences
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = build_router("text", snap, {"embedder": embedder})
+    assert embedder.sentences == before
+    assert text.route("put the mug onto the shelf").skill == "scene1"
+    assert text.route("tidy the table").abstained  # shared by both skills
+    vs = build_router("vsubspace", snap, {"backend": base})
+    for scene in (0, 1):
+        assert vs.route("tidy the table", obs(scene)).skill == f"scene{scene}"

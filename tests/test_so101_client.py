@@ -144,7 +144,7 @@ def _runner(ep, robot=None, **cfg):
     robot = robot or FakeRobot(cameras={"front": (60, 80)}, time_constant=0.03)
     cfg.setdefault("hz", 50.0)
     cfg.setdefault("max_steps", 60)
-    cfg.setdefault("blend", "latest-only")
+    cfg.setdefault("blend", "latest_only")
     return ArmPolicyRunner(ClientDouble(ep), robot, ArmRunConfig("pick up the cube", **cfg),
                            SafetyConfig(*default_limits(SO101_MOTORS), max_delta=4.0)), robot
 
@@ -313,7 +313,89 @@ def test_cli_fake_robot(monkeypatch, capsys):
     monkeypatch.setenv("CARVE_TOKEN", "s3cret")
     rc = so101_client.main(["--server", "10.0.0.2:50051", "--robot", "fake", "--instruction", "go",
                             "--hz", "50", "--max-steps", "25", "--camera", "front=0:64x48",
-                            "--blend", "latest-only", "--timeout", "1.5"])
+                            "--blend", "latest_only", "--timeout", "1.5"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["stop_reason"] == "done" and out["steps"] == 25
     assert made == {"target": "10.0.0.2:50051", "token": "s3cret", "timeout": 1.5}
+
+
+# --------------------------------------------------------------- real gRPC service on loopback
+
+def _demo_engine(delay_s=0.0):
+    """A ``PolicyEngine`` over a real (untrained) demo VLA with an SO-101-shaped spec, served by the
+    real ``PolicyServer``; ``delay_s`` slows inference (to kill the server mid-request)."""
+    pytest.importorskip("policy_server.service.server")
+    from policy_server.service.engine_api import PolicyEngine
+    from router.base import RouteDecision
+
+    backend = BackendEpisode("pick up the cube").backend
+
+    class Engine(PolicyEngine):
+        spec = backend.spec
+
+        def skills(self):
+            return [{"name": "pick", "instructions": ["pick up the cube"], "description": "",
+                     "order": 0}]
+
+        def route(self, instruction, observation=None):
+            return RouteDecision("pick", 1.0, [("pick", 1.0)], margin=1.0, router="test")
+
+        def infer(self, observation, skill):
+            import torch
+
+            time.sleep(delay_s)
+            with torch.inference_mode():
+                return backend.predict(observation)[0].numpy()
+
+    return Engine()
+
+
+def _serve(engine):
+    from policy_server.service.server import PolicyServer, ServerConfig
+
+    server = PolicyServer(engine, ServerConfig(host="127.0.0.1", port=0))
+    return server, server.start()
+
+
+def test_runner_over_real_grpc_loopback():
+    from clients.client import PolicyClient
+
+    server, port = _serve(_demo_engine())
+    try:
+        client = PolicyClient(f"127.0.0.1:{port}", timeout=5.0)
+        client.wait_ready(10)
+        robot = FakeRobot(cameras={"front": (120, 160)})
+        runner = ArmPolicyRunner(client, robot, ArmRunConfig("pick up the cube", hz=30,
+                                                             max_steps=45, encode="jpeg"),
+                                 SafetyConfig(*default_limits(SO101_MOTORS), max_delta=2.0))
+        rep = runner.run()
+        assert rep.stop_reason == "done", rep.error
+        assert rep.skill == "pick" and rep.chunks >= 4 and rep.latency_max_s < 1.0
+        assert not robot.is_connected
+        client.close()
+    finally:
+        server.stop(grace=0)
+
+
+def test_runner_stops_safely_when_server_killed_mid_run():
+    from clients.client import PolicyClient
+
+    server, port = _serve(_demo_engine(delay_s=0.05))
+    client = PolicyClient(f"127.0.0.1:{port}", timeout=2.0, retries=0)
+    robot = FakeRobot(cameras={"front": (60, 80)})
+    runner = ArmPolicyRunner(client, robot, ArmRunConfig("pick up the cube", hz=30,
+                                                         max_steps=10_000, request_timeout_s=1.0),
+                             SafetyConfig(*default_limits(SO101_MOTORS), max_delta=2.0))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(rep=runner.run()))
+    t.start()
+    time.sleep(1.5)
+    server.stop(grace=0)  # the server goes away while the arm is moving
+    t.join(15)
+    assert not t.is_alive()
+    rep = result["rep"]
+    assert rep.stop_reason in ("server_lost", "timeout", "starved"), rep
+    assert 10 < rep.steps < 10_000 and rep.chunks > 0
+    assert not robot.is_connected
+    assert np.allclose(robot.send_log[-1], robot.pos, atol=3.0)  # last command = hold
+    client.close()

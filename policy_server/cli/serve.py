@@ -1,0 +1,95 @@
+"""``carve serve``: serve a merge state + base model over gRPC until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a merge state over gRPC",
+                       description="Serve base + merge state to robots over gRPC "
+                                   "(carve.policy.v1.PolicyService, health, reflection).")
+    src = p.add_argument_group("what to serve")
+    src.add_argument("--base", help="base model directory (config.json + safetensors)")
+    src.add_argument("--state", help="merge-state directory (omit to serve the base alone)")
+    src.add_argument("--version", help="state version to serve (default: current)")
+    src.add_argument("--demo", action="store_true",
+                     help="serve the cached built-in demo (built on first use)")
+    src.add_argument("--no-verify", action="store_true",
+                     help="skip the sha256 check of the state files at load")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all)")
+    net.add_argument("--port", type=int, default=50051, help="port (0 = pick a free one)")
+    net.add_argument("--tls-cert", help="PEM certificate (TLS when given with --tls-key)")
+    net.add_argument("--tls-key", help="PEM private key")
+    net.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
+    net.add_argument("--max-message-mb", type=int, default=32)
+    net.add_argument("--max-workers", type=int, default=64, help="concurrent streams/calls")
+    rt = p.add_argument_group("runtime")
+    rt.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
+    rt.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    rt.add_argument("--mode", default="auto", choices=["auto", "fused", "side"],
+                    help="apply residuals fused into weights, on a batched side path, or auto")
+    rt.add_argument("--max-batch", type=int, default=16)
+    rt.add_argument("--max-wait-ms", type=float, default=2.0,
+                    help="how long the micro-batcher waits to fill a batch")
+    ro = p.add_argument_group("routing")
+    ro.add_argument("--router", default="text", choices=["exact", "text", "vsubspace", "hybrid"])
+    ro.add_argument("--router-model", help="local sentence-transformers model dir "
+                                           "(default: packaged all-MiniLM-L6-v2)")
+    ro.add_argument("--abstain", default="refuse", choices=["refuse", "core-only"],
+                    help="when the router is unsure: refuse the episode or run core-only")
+    ro.add_argument("--min-confidence", type=float)
+    ro.add_argument("--min-margin", type=float)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run_serve)
+
+
+def engine_config_from_args(args):
+    from policy_server.errors import InputError
+    from policy_server.serving import EngineConfig
+
+    base, state = args.base, args.state
+    if args.demo:
+        from policy_server.demo import ensure_demo_state
+
+        d = ensure_demo_state()
+        base, state = base or d["base_dir"], state or d["state_dir"]
+    if not base:
+        raise InputError("--base is required (or --demo)")
+    return EngineConfig(base_dir=base, state_dir=state, state_version=args.version,
+                        verify=not args.no_verify, device=args.device, dtype=args.dtype,
+                        mode=args.mode, router=args.router, router_model=args.router_model,
+                        abstain=args.abstain, min_confidence=args.min_confidence,
+                        min_margin=args.min_margin, max_batch=args.max_batch,
+                        max_wait_ms=args.max_wait_ms)
+
+
+def run_serve(args) -> int:
+    from policy_server.service.auth import read_token_file
+    from policy_server.service.server import PolicyServer, ServerConfig
+    from policy_server.serving import build_engine
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = engine_config_from_args(args)
+    token = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    server = PolicyServer(lambda: build_engine(cfg), ServerConfig(
+        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        auth_token=token, max_message_mb=args.max_message_mb, max_workers=args.max_workers))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    port = server.start(wait_loaded=True)
+    eng = server.holder.engine
+    print(f"carve serve: listening on {args.host}:{port} "
+          f"({'TLS' if args.tls_cert else 'plaintext'}{', token auth' if token else ''}); "
+          f"{len(eng.skills())} skill(s), state {eng.info().get('state_version') or '-'}, "
+          f"mode {eng.info().get('mode')}, router {eng.info().get('router')}", flush=True)
+    stop.wait()
+    print("carve serve: shutting down (finishing running episodes)", file=sys.stderr, flush=True)
+    server.stop(grace=10.0)
+    return 0

@@ -1,9 +1,9 @@
-"""LIBERO client: the episode loop (fast, scripted stand-in env) and 16 real LIBERO steps (~32 s
-measured: building the env takes ~25-33 s on the 2 shared CPU cores, then 0.5-1.5 steps/s; skipped
-when LIBERO is not installed, see requirements-libero.txt)."""
+"""LIBERO client: the episode loop (fast, scripted stand-in env), a real demo VLA fed by the
+conventions, and 16 real LIBERO steps through the real gRPC service on loopback (18-42 s measured,
+mostly the env build, on the 2 shared CPU cores; skipped when LIBERO is not installed, see
+requirements-libero.txt)."""
 
 import json
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,16 +28,6 @@ class EpisodeDouble:
     def infer(self, state, images=None, encode="raw"):
         self.calls.append((np.array(state), images, encode))
         return np.tile(self.action, (self.chunk, 1))
-
-
-class ClientDouble:
-    def __init__(self, ep):
-        self.ep, self.opened = ep, []
-
-    @contextmanager
-    def episode(self, instruction, skill=None, chunk_length=None, info=None):
-        self.opened.append((instruction, skill, info))
-        yield self.ep
 
 
 class ScriptedEnv:
@@ -127,22 +117,64 @@ def test_run_episode_feeds_real_demo_vla_backend():
     assert acts.shape == (8, 7) and np.all(np.isin(acts[:, -1], [-1.0, 0.0, 1.0]))
 
 
-def test_run_suite_real_libero(tmp_path):
-    """Real LIBERO (libero_spatial task 0, its init state 0, 128x128 render) driven by the client:
-    the 'policy' commands +z with the gripper closing, and the simulated arm must do exactly that."""
+class ScriptedEngine:
+    """Server-side ``PolicyEngine`` for the loopback test: a LIBERO-shaped spec (8-D state, two
+    64x64 cameras, (5, 7) chunks) and a scripted policy (+z, gripper closing); records what the
+    server decoded from the wire."""
+
+    def __new__(cls):
+        from policy_server.models.base import ImageSpec, PolicySpec
+        from policy_server.service.engine_api import PolicyEngine
+        from router.base import RouteDecision
+
+        class Engine(PolicyEngine):
+            spec = PolicySpec(state_dim=8, action_dim=7, chunk_length=5, action_low=[-1.0] * 7,
+                              action_high=[1.0] * 7,
+                              images={"agentview": ImageSpec(64, 64), "wrist": ImageSpec(64, 64)})
+            seen: list = []
+
+            def skills(self):
+                return [{"name": "libero_spatial", "instructions": [], "description": "",
+                         "order": 0}]
+
+            def route(self, instruction, observation=None):
+                return RouteDecision("libero_spatial", 0.9, [("libero_spatial", 0.9)], margin=0.9)
+
+            def infer(self, observation, skill):
+                self.seen.append((observation.state[0].copy(),
+                                  {k: v[0].copy() for k, v in observation.images.items()},
+                                  observation.instructions[0], skill))
+                return np.tile(np.array([0, 0, 1.0, 0, 0, 0, 1.0], np.float32), (5, 1))
+
+        return Engine()
+
+
+def test_run_suite_real_libero_over_grpc(tmp_path):
+    """Real LIBERO (libero_spatial task 0, init state 0, 128x128 render) driven by the client
+    through the real gRPC service on loopback: the scripted 'policy' commands +z with the gripper
+    closing, and the simulated arm must do exactly that (seen in the states the server received)."""
     pytest.importorskip("libero.libero")
-    ep = EpisodeDouble([0, 0, 1.0, 0, 0, 0, 1.0], chunk=5,
-                       images={"agentview": SimpleNamespace(height=64, width=64),
-                               "wrist": SimpleNamespace(height=64, width=64)})
-    client = ClientDouble(ep)
-    res = lc.run_suite(client, suite="libero_spatial", tasks=[0], episodes_per_task=1,
-                       convention="openpi", max_steps=6, replan_steps=3, resolution=128,
-                       video_dir=tmp_path / "v", out_json=tmp_path / "r.json")
-    assert client.opened[0][0].startswith("pick up the black bowl between the plate")
+    pytest.importorskip("policy_server.service.server")
+    from clients.client import PolicyClient
+    from policy_server.service.server import PolicyServer, ServerConfig
+
+    engine = ScriptedEngine()
+    server = PolicyServer(engine, ServerConfig(host="127.0.0.1", port=0))
+    port = server.start()
+    try:
+        client = PolicyClient(f"127.0.0.1:{port}", timeout=10.0)
+        res = lc.run_suite(client, suite="libero_spatial", tasks=[0], episodes_per_task=1,
+                           convention="openpi", max_steps=6, replan_steps=3, resolution=128,
+                           encode="png", video_dir=tmp_path / "v", out_json=tmp_path / "r.json")
+        client.close()
+    finally:
+        server.stop(grace=0)
     assert res["tasks"]["0"]["episodes"] == 1 and res["episodes"][0]["steps"] == 6
     assert not res["episodes"][0]["success"]  # lifting the empty gripper solves nothing
-    assert len(ep.calls) == 2
-    (s0, im0, _), (s1, im1, _) = ep.calls
+    assert res["episodes"][0]["skill"] == "libero_spatial"
+    assert len(engine.seen) == 2
+    (s0, im0, instr, skill), (s1, im1, _, _) = engine.seen
+    assert instr.startswith("pick up the black bowl between the plate") and skill == "libero_spatial"
     assert im0["agentview"].shape == (64, 64, 3) and im0["wrist"].shape == (64, 64, 3)
     assert s1[2] > s0[2] + 0.01  # eef z rose over 3 steps of +z
     assert s1[6] < s0[6]  # finger joint closing (+1 = close in robosuite)

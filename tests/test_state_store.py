@@ -1,0 +1,186 @@
+"""The versioned merge-state store: round trips, atomicity, integrity, history and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from policy_server.cli import main as cli_main
+from policy_server.errors import IntegrityError, StateError
+from policy_server.merge.entries import Dense, LowRank, Masked
+from policy_server.state.store import StateStore
+from policy_server.state.tensor_io import pack_mask, unpack_mask
+
+
+def _entries(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": LowRank(torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g), 0.25),
+        "b": Dense(torch.randn(6, generator=g)),
+        "m": Masked(torch.rand(3, 7, generator=g) > 0.5),  # 21 bits: exercises packing padding
+    }
+
+
+def _commit(store, name, seed=0, core=None):
+    with store.transaction(f"add {name}") as tx:
+        tx.manifest["base"] = {"num_params": 1000, "fingerprint": "f"}
+        tx.write_core(core if core is not None else {"w": torch.ones(6, 5)})
+        tx.write_skill(name, _entries(seed), {"instructions": [f"do {name}"]})
+    return store.current_version()
+
+
+def _tree(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name != "LOCK"}
+
+
+def test_round_trip_every_entry_kind(tmp_path):
+    store = StateStore(tmp_path / "s")
+    v = _commit(store, "a")
+    snap = store.open(verify=True)
+    assert snap.version == v == "v000001"
+    got, want = snap.residuals("a"), _entries(0)
+    assert torch.equal(got["w"].P, want["w"].P) and torch.equal(got["w"].Q, want["w"].Q)
+    assert got["w"].rel_error == pytest.approx(0.25)
+    assert torch.equal(got["b"].D, want["b"].D)
+    assert torch.equal(got["m"].mask, want["m"].mask)
+    assert torch.equal(snap.core()["w"], torch.ones(6, 5))
+    assert snap.skill("a")["instructions"] == ["do a"]
+    with pytest.raises(StateError, match="no skill 'zz'"):
+        snap.skill("zz")
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 65])
+def test_mask_packing_is_exact(n):
+    mask = torch.rand(n) > 0.5
+    packed = pack_mask(mask)
+    assert packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_mask(packed, (n,)), mask)
+
+
+def test_storage_accounting_by_hand(tmp_path):
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    _commit(store, "b", seed=1)
+    st = store.open().manifest["storage"]
+    # core 6*5=30; per skill: P 18 + Q 15 + D 6 + mask ceil(21/32)=1 -> 40
+    assert st["core_params"] == 30
+    assert st["residual_params"] == 80
+    assert st["stored_params"] == 110
+    assert st["bank_params"] == 2000
+    assert st["fraction_of_bank"] == pytest.approx(110 / 2000)
+    assert st["fraction_of_bank_with_base"] == pytest.approx(1110 / 2000)
+
+
+def test_failed_transaction_changes_nothing(tmp_path):
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    before = _tree(store.path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.transaction("doomed") as tx:
+            tx.write_core({"w": torch.zeros(6, 5)})
+            tx.write_skill("b", _entries(1), {})
+            raise RuntimeError("boom")
+    assert _tree(store.path) == before
+    assert store.current_version() == "v000001"
+
+
+def test_unchanged_files_are_hard_links_and_parents_never_modified(tmp_path):
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    v1_skill = store.path / "versions/v000001/skills/a.safetensors"
+    data = v1_skill.read_bytes()
+    with store.transaction("replace a") as tx:
+        tx.write_skill("a", _entries(5), {})
+    # the rewrite went to a new inode: v1 still holds the old bytes and verifies
+    assert v1_skill.read_bytes() == data
+    store.verify("v000001")
+    _commit(store, "b", seed=2)
+    assert (store.path / "versions/v000003/skills/a.safetensors").stat().st_ino == \
+        (store.path / "versions/v000002/skills/a.safetensors").stat().st_ino
+
+
+def test_corruption_is_detected_and_named(tmp_path):
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    f = store.path / "versions/v000001/skills/a.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="skills/a.safetensors"):
+        store.verify()
+    with pytest.raises(IntegrityError):
+        store.open(verify=True)
+    assert cli_main(["state", "verify", str(store.path)]) == IntegrityError.exit_code
+
+
+def test_newer_format_and_bad_manifest_refused(tmp_path):
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    mf = store.path / "versions/v000001/manifest.json"
+    m = json.loads(mf.read_text())
+    m["format_version"] = 99
+    mf.write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match="newer"):
+        store.open()
+    mf.write_text("{not json")
+    with pytest.raises(IntegrityError, match="unreadable manifest"):
+        store.open()
+
+
+def test_rollback_and_gc(tmp_path):
+    store = StateStore(tmp_path / "s")
+    for i, name in enumerate("abcd"):
+        _commit(store, name, seed=i)
+    store.rollback("v000002")
+    assert store.open().skill_names() == ["a", "b"]
+    removed = store.gc(keep=1)
+    assert "v000002" not in removed and store.current_version() == "v000002"
+    assert [v["id"] for v in store.versions()] == ["v000002", "v000004"]
+    for v in ("v000002", "v000004"):
+        store.verify(v)  # hard-linked files survive the deletion of the versions that made them
+    # the next commit builds on the current version, not on the newest one
+    _commit(store, "e", seed=9)
+    assert store.open().skill_names() == ["a", "b", "e"]
+    with pytest.raises(StateError, match="no version"):
+        store.rollback("v000003")
+
+
+def test_concurrent_writer_gets_a_clear_error(tmp_path):
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    with store.transaction("first") as tx:
+        tx.write_skill("b", _entries(1), {})
+        with pytest.raises(StateError, match="locked by another writer"):
+            with store.transaction("second"):
+                pass
+    assert store.open().skill_names() == ["a", "b"]
+
+
+def test_invalid_skill_name(tmp_path):
+    from policy_server.errors import InputError
+
+    store = StateStore(tmp_path / "s")
+    with pytest.raises(InputError, match="invalid skill name"):
+        with store.transaction("x") as tx:
+            tx.write_skill("../evil", _entries(), {})
+    assert not store.exists()
+
+
+def test_cli_subprocess_exit_codes_and_messages(tmp_path):
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    carve = [sys.executable, "-m", "policy_server.cli"]
+    ok = subprocess.run([*carve, "state", "show", str(store.path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "a:" in ok.stdout and "of a 1-expert bank" in ok.stdout
+    missing = subprocess.run([*carve, "state", "show", str(tmp_path / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == StateError.exit_code
+    assert "not a merge state" in missing.stderr
+    bad = subprocess.run([*carve, "state", "rollback", str(store.path), "v000042"],
+                         capture_output=True, text=True)
+    assert bad.returncode == StateError.exit_code and "no version 'v000042'" in bad.stderr

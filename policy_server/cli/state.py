@@ -88,7 +88,7 @@ def run_show(args) -> int:
     for name in snap.skill_names():
         rec = snap.skill(name)
         tensors = rec.get("tensors", {})
-        ranks = [t["rank"] for t in tensors.values() if t.get("kind") == "lowrank"]
+        ranks = [t.get("rank") or 0 for t in tensors.values() if t.get("kind") == "lowrank"]
         errs = [t.get("rel_error", 0.0) for t in tensors.values() if t.get("kind") == "lowrank"]
         kinds: dict[str, int] = {}
         for t in tensors.values():

@@ -202,6 +202,7 @@ class Transaction:
         for key, e in entries.items():
             r = tensors.setdefault(key, {})
             r["kind"] = tio.entry_kind(e)
+            r["rank"] = e.rank if hasattr(e, "rank") else None
             r.setdefault("rel_error", float(getattr(e, "rel_error", 0.0)))
             if "shape" not in r:
                 if hasattr(e, "P"):

@@ -53,8 +53,10 @@ def _test_pause(stage: str) -> None:
     """Crash-safety tests set CARVE_TEST_PAUSE_AT=<stage> so a SIGKILL lands at a known point."""
     if os.environ.get("CARVE_TEST_PAUSE_AT") == stage:
         marker = os.environ.get("CARVE_TEST_PAUSE_MARKER")
-        if marker:
-            Path(marker).write_text(stage)
+        if marker:  # written aside and renamed: a watcher never sees an empty marker
+            tmp = Path(f"{marker}.tmp")
+            tmp.write_text(stage)
+            os.replace(tmp, marker)
         time.sleep(float(os.environ.get("CARVE_TEST_PAUSE_SECONDS", "60")))
 
 

@@ -22,7 +22,7 @@ VPY=.venv/bin/python
 # torch first, pinned to the local CPU build, so nothing later pulls a CUDA build.
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
-  "$VPY" -m pip install -q torch==2.13.0
+  "$VPY" -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
 fi
 echo "[setup] installing carve-serve and its dependencies"
 "$VPY" -m pip install -q -e ".[dev,sim]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true

@@ -1,0 +1,212 @@
+"""Client-library tests against a real loopback server backed by a small numpy test double
+(no torch on the serving path), plus the chunk-blending math."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.blending import ChunkBlender
+from clients.client import AsyncPolicyClient, PolicyClient, PolicyError
+from policy_server.models.base import ImageSpec, ObservationBatch, PolicySpec
+from policy_server.service.engine_api import PolicyEngine, RoutingPolicy
+from policy_server.service.server import PolicyServer, ServerConfig
+from router.base import RouteDecision
+
+STATE_DIM, A, T = 6, 3, 4
+
+
+class NumpyLinearEngine(PolicyEngine):
+    """Test double: actions[t] = W_skill @ state * (t + 1) + 0.01 * mean(image), no torch.
+
+    Skills are routed by exact instruction match; an unknown instruction abstains."""
+
+    def __init__(self, nan_skill: str | None = None, routing: RoutingPolicy | None = None):
+        rng = np.random.default_rng(0)
+        self.W = {s: rng.standard_normal((A, STATE_DIM)).astype(np.float32)
+                  for s in ("pick", "place")}
+        self.W[None] = np.zeros((A, STATE_DIM), np.float32)  # core-only: a zero policy
+        self.nan_skill = nan_skill
+        self.routing = routing or RoutingPolicy()
+        self._spec = PolicySpec(state_dim=STATE_DIM, action_dim=A, chunk_length=T,
+                                action_low=[-5.0] * A, action_high=[5.0] * A,
+                                images={"cam": ImageSpec(8, 8)}, name="numpy-linear")
+
+    @property
+    def spec(self) -> PolicySpec:
+        return self._spec
+
+    def skills(self) -> list[dict]:
+        return [{"name": s, "instructions": [f"{s} the cube"], "description": "", "order": i}
+                for i, s in enumerate(("pick", "place"))]
+
+    def route(self, instruction, observation=None) -> RouteDecision:
+        for s in ("pick", "place"):
+            if instruction == f"{s} the cube":
+                return RouteDecision(s, 1.0, [(s, 1.0)], margin=1.0, router="exact")
+        return RouteDecision(None, 0.0, [("pick", 0.1), ("place", 0.05)], abstained=True,
+                             reason="no exact match", router="exact")
+
+    def infer(self, observation: ObservationBatch, skill):
+        if self.nan_skill is not None and skill == self.nan_skill:
+            return np.full((T, A), np.nan, np.float32)
+        base = self.W[skill] @ observation.state[0]
+        img = float(observation.images["cam"].mean()) * 0.01 if observation.images else 0.0
+        return np.stack([base * (t + 1) + img for t in range(T)]).astype(np.float32)
+
+    def expected(self, state, skill, image=None):
+        img = float(image.mean()) * 0.01 if image is not None else 0.0
+        base = self.W[skill] @ state
+        return np.clip(np.stack([base * (t + 1) + img for t in range(T)]), -5, 5)
+
+
+def _start(engine, **kw):
+    server = PolicyServer(engine, ServerConfig(port=kw.pop("port", 0), **kw))
+    return server, server.start()
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = NumpyLinearEngine(nan_skill="place")
+    server, port = _start(engine)
+    client = PolicyClient(f"127.0.0.1:{port}", retries=0)
+    client.wait_ready(10)
+    yield engine, client, port
+    client.close()
+    server.stop(1.0)
+
+
+def test_sync_episode_actions_match_engine_and_are_clipped(served):
+    engine, client, _ = served
+    rng = np.random.default_rng(1)
+    with client.episode("pick the cube") as ep:
+        assert ep.skill == "pick" and ep.confidence == pytest.approx(1.0)
+        assert (ep.spec.action_dim, ep.spec.chunk_length) == (A, T)
+        for enc in ("raw", "png"):  # png is lossless, so the image term is exact
+            state = rng.standard_normal(STATE_DIM).astype(np.float32) * 2
+            img = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            out = ep.infer(state, {"cam": img}, encode=enc)
+            assert out.shape == (T, A) and out.dtype == np.float32
+            np.testing.assert_allclose(out, engine.expected(state, "pick", img), rtol=1e-5, atol=1e-5)
+            assert out.max() <= 5.0 and out.min() >= -5.0
+
+
+def test_nan_actions_become_internal_error(served):
+    _, client, _ = served
+    with pytest.raises(PolicyError) as ei:
+        with client.episode("place the cube") as ep:
+            ep.infer(np.zeros(STATE_DIM, np.float32), {"cam": np.zeros((8, 8, 3), np.uint8)})
+    assert ei.value.code == grpc.StatusCode.INTERNAL and "NaN" in str(ei.value)
+
+
+def test_abstention_refused_with_candidates(served):
+    _, client, _ = served
+    with pytest.raises(PolicyError) as ei:
+        client.episode("juggle")
+    assert ei.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "pick" in str(ei.value) and "place" in str(ei.value)
+    r = client.route("juggle")
+    assert r["abstained"] and [c["skill"] for c in r["candidates"]][:2] == ["pick", "place"]
+
+
+def test_core_only_fallback():
+    engine = NumpyLinearEngine(routing=RoutingPolicy(on_abstain="core-only"))
+    server, port = _start(engine)
+    try:
+        with PolicyClient(f"127.0.0.1:{port}", retries=0) as c:
+            c.wait_ready(10)
+            with c.episode("juggle") as ep:
+                assert ep.skill is None and ep.core_only
+                out = ep.infer(np.ones(STATE_DIM, np.float32), {"cam": np.zeros((8, 8, 3), np.uint8)})
+                np.testing.assert_allclose(out, 0.0)
+    finally:
+        server.stop(1.0)
+
+
+def test_reconnect_with_backoff_when_server_comes_up_late():
+    # Reserve a port, release it, and bring the server up on it after the client started trying.
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    holder = {}
+    t = threading.Timer(0.6, lambda: holder.update(server=_start(NumpyLinearEngine(), port=port)[0]))
+    t.start()
+    client = PolicyClient(f"127.0.0.1:{port}", retries=6, backoff_s=0.1, timeout=2.0)
+    try:
+        t0 = time.monotonic()
+        skills = client.list_skills()
+        assert [s["name"] for s in skills] == ["pick", "place"]
+        assert time.monotonic() - t0 >= 0.5  # it really waited for the server
+    finally:
+        t.join()
+        client.close()
+        holder["server"].stop(0.5)
+
+
+def test_no_retries_surfaces_unavailable():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with PolicyClient(f"127.0.0.1:{port}", retries=0, timeout=1.0) as c:
+        with pytest.raises(PolicyError) as ei:
+            c.list_skills()
+    assert ei.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_async_client_episode_and_unary(served):
+    engine, _, port = served
+
+    async def go():
+        c = AsyncPolicyClient(f"127.0.0.1:{port}", retries=0)
+        try:
+            names = [s["name"] for s in await c.list_skills()]
+            r = await c.route("place the cube")
+            state = np.arange(STATE_DIM, dtype=np.float32) / 10
+            img = np.full((8, 8, 3), 7, np.uint8)
+            async with c.episode("pick the cube") as ep:
+                outs = [await ep.infer(state, {"cam": img}) for _ in range(3)]
+            return names, r, ep.skill, outs, state, img
+        finally:
+            await c.close()
+
+    names, r, skill, outs, state, img = asyncio.run(go())
+    assert names == ["pick", "place"] and r["skill"] == "place" and skill == "pick"
+    for out in outs:
+        np.testing.assert_allclose(out, engine.expected(state, "pick", img), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- blending math
+def test_blending_modes_on_overlapping_chunks():
+    c1 = np.array([[0.0], [1.0], [2.0], [3.0]], np.float32)     # steps 0..3
+    c2 = np.array([[10.0], [20.0], [30.0], [40.0]], np.float32)  # steps 2..5
+    want = {"latest_only": [0, 1, 10, 20, 30, 40],
+            "average": [0, 1, 6, 11.5, 30, 40],
+            "weighted_average": [0, 1, 0.3 * 2 + 7, 0.3 * 3 + 14, 30, 40]}
+    for mode, expected in want.items():
+        b = ChunkBlender(mode)
+        b.add(0, c1)
+        b.add(2, c2)
+        got = [float(b.action(s)[0]) for s in range(6)]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=mode)
+        assert b.action(6) is None
+
+
+def test_blending_never_rewrites_executed_steps():
+    b = ChunkBlender("average")
+    b.add(0, np.zeros((4, 2), np.float32))
+    assert b.action(0) is not None and b.action(1) is not None
+    b.add(0, np.ones((4, 2), np.float32))  # a late chunk: steps 0, 1 already executed
+    assert b.remaining(2) == 2
+    np.testing.assert_allclose(b.action(2), 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        b.add(5, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="mode"):
+        ChunkBlender("median")

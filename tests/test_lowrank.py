@@ -112,3 +112,20 @@ def test_should_store_dense():
     assert should_store_dense(100, 100, 50)
     assert not should_store_dense(4096, 4096, 64)
     assert should_store_dense(64, 1, 1)         # a column: factors never save
+
+
+def test_auto_uses_randomized_on_huge_tall_matrices(monkeypatch):
+    """A tall matrix with a small min dimension but many elements (a vocabulary embedding) must not
+    take the O(m n^2) exact SVD under "auto" (regression: bench_merge spent most of its time there)."""
+    import policy_server.merge.lowrank as lr
+
+    calls = []
+    real = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd",
+                        lambda A, *a, **k: calls.append(tuple(A.shape)) or real(A, *a, **k))
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(lr.EXACT_MAX_NUMEL // 64 + 1, 64, generator=g) @ torch.randn(64, 96, generator=g)
+    out = truncated_svd(R, rank=8, method="auto")
+    assert out.rank == 8 and tuple(R.shape) not in calls  # only the sketch's small SVDs ran
+    truncated_svd(R[:200], rank=8, method="auto")
+    assert (200, 96) in calls  # small matrices still take the exact path

@@ -22,6 +22,9 @@ from policy_server.merge.entries import LowRank
 
 #: above this min(m, n), method="auto" switches from the exact to the randomized SVD
 EXACT_MAX_DIM = 1024
+#: ... and above this many elements too: an exact SVD of a tall (m >> n) matrix costs O(m n^2),
+#: e.g. ~1.2e11 flops for a 151936 x 896 vocabulary embedding, while a rank-64 sketch is ~100x less
+EXACT_MAX_NUMEL = 1 << 22
 
 
 def should_store_dense(m: int, n: int, r: int) -> bool:
@@ -64,8 +67,8 @@ def truncated_svd(R: torch.Tensor, rank: int | None = None, energy: float | None
     the sketch size is doubled until it does (falling back to the exact SVD at full size).
     method: "exact" (``torch.linalg.svd``), "randomized" (``torch.svd_lowrank`` with
     ``rank + oversample`` columns and ``power_iters`` power iterations, seeded by ``seed`` without
-    touching the global RNG), or "auto" (exact when min(m, n) <= 1024 or the sketch would cover
-    most of the spectrum). A zero matrix gives rank 0 and rel_error 0.
+    touching the global RNG), or "auto" (exact when min(m, n) <= 1024 and m * n <= 4M elements,
+    or when the sketch would cover most of the spectrum). A zero matrix gives rank 0 and rel_error 0.
     """
     _check_args(R, rank, energy, method)
     R = R.float()
@@ -78,7 +81,7 @@ def truncated_svd(R: torch.Tensor, rank: int | None = None, energy: float | None
     cap = full if rank is None else min(int(rank), full)
     want = cap if energy is None else min(cap, 64)
     use_exact = method == "exact" or (method == "auto" and (
-        full <= EXACT_MAX_DIM or want + oversample >= full // 2))
+        (full <= EXACT_MAX_DIM and m * n <= EXACT_MAX_NUMEL) or want + oversample >= full // 2))
     if use_exact:
         U, S, Vh = torch.linalg.svd(R, full_matrices=False)
         k = cap if energy is None else min(cap, _rank_for_energy(S, total_sq, energy))

@@ -68,3 +68,23 @@ def test_api_cli_grpc_agree(stack):
         assert a.confidence == pytest.approx(r["confidence"], abs=1e-6)
         assert [s for s, _ in a.candidates] == [x["skill"] for x in r["candidates"]]
     assert api[0].skill == "drawer" and api[3].abstained  # the test is not vacuous
+
+
+def test_carve_admit_caches_instruction_embeddings(stack, tmp_path):
+    """`carve admit --instruction` stores the text-router embeddings with the skill, so a server
+    start does not re-embed (the router warns and re-embeds when they are missing)."""
+    import warnings
+
+    state = tmp_path / "s"
+    for name, instr in stack["skills"].items():
+        args = ["admit", str(state), "--base", str(stack["base"]), "--expert",
+                str(stack["experts"][name]), "--skill", name, "--rank", "4", "--no-progress"]
+        for text in instr:
+            args += ["--instruction", text]
+        assert cli_main(args) == 0
+    snap = StateStore(state).open()
+    assert all(KEY_EMBEDDINGS in snap.skill_artifacts(n) for n in snap.skill_names())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cache miss would warn
+        d = build_router("text", snap, {}).route("please open the top drawer")
+    assert d.skill == "drawer"

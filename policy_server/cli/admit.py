@@ -101,9 +101,19 @@ def collect_method_options(args: argparse.Namespace, method: str) -> dict:
 def _build_hooks(args) -> list:
     from policy_server.merge.hooks import ValueSubspaceHook
 
-    if not args.value_subspace:
-        return []
-    return [ValueSubspaceHook(args.value_subspace, k=args.value_subspace_k)]
+    hooks = []
+    if args.value_subspace:
+        hooks.append(ValueSubspaceHook(args.value_subspace, k=args.value_subspace_k))
+    if (args.instruction or args.description) and not args.no_embed:
+        # Embed the instructions now, while admitting, so a server start loads them from the state
+        # instead of re-embedding every skill (router/text.py checks model + texts fingerprints).
+        from router.embedder import shared_embedder
+        from router.text import TextEmbeddingHook
+
+        hooks.append(TextEmbeddingHook(list(args.instruction or ()),
+                                       shared_embedder(args.router_model),
+                                       args.description or ""))
+    return hooks
 
 
 def _storage_line(storage: dict) -> str:
@@ -187,6 +197,11 @@ def register(sub) -> None:
                         "(e.g. '*.v_proj.weight') for the value-subspace router (repeatable)")
     p.add_argument("--value-subspace-k", type=int, default=8, metavar="K",
                    help="singular vectors kept per matched tensor (default 8)")
+    p.add_argument("--router-model", default=None, metavar="PATH",
+                   help="sentence-transformers model dir for the cached instruction embeddings "
+                        "(default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--no-embed", action="store_true",
+                   help="do not cache instruction embeddings (the server embeds at start)")
     add_common_input_flags(p)
     add_method_option_flags(p)
     p.set_defaults(func=run_admit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -184,3 +185,115 @@ def test_cli_subprocess_exit_codes_and_messages(tmp_path):
     bad = subprocess.run([*carve, "state", "rollback", str(store.path), "v000042"],
                          capture_output=True, text=True)
     assert bad.returncode == StateError.exit_code and "no version 'v000042'" in bad.stderr
+
+
+def _with_base(tx):
+    tx.manifest["base"] = {"num_params": 1000, "fingerprint": "f",
+                           "tensors": {"w": {"shape": [6, 5]}, "b": {"shape": [6]},
+                                       "m": {"shape": [3, 7]}}}
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"w": LowRank(torch.randn(6, 3), torch.randn(2, 5))}, "do not chain"),
+    ({"w": LowRank(torch.randn(5, 3), torch.randn(3, 5))}, r"entry shape \[5, 5\] != base shape"),
+    ({"b": Dense(torch.tensor([1.0, float("nan"), 0, 0, 0, 0]))}, "NaN or inf"),
+    ({"m": Masked(torch.ones(3, 7))}, "must be a bool tensor"),
+    ({"zz": Dense(torch.ones(2))}, "not in the base checkpoint"),
+])
+def test_bad_entries_are_refused_and_nothing_is_stored(tmp_path, bad, msg):
+    from policy_server.errors import InputError
+
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    before = _tree(store.path)
+    with pytest.raises(InputError, match=msg):
+        with store.transaction("bad") as tx:
+            _with_base(tx)
+            tx.write_skill("b", bad, {})
+    assert _tree(store.path) == before
+
+
+def test_store_dtype_and_order_kept_on_replace(tmp_path):
+    store = StateStore(tmp_path / "s")
+    with store.transaction("half") as tx:
+        tx.manifest["store_dtype"] = "bfloat16"
+        tx.write_core({"w": torch.full((6, 5), 1 / 3)})
+        tx.write_skill("a", _entries(0), {})
+        tx.write_skill("b", _entries(1), {})
+    with store.transaction("replace a") as tx:
+        tx.write_skill("a", _entries(2), {"instructions": ["new"]})
+    snap = store.open(verify=True)
+    assert snap.skill_names() == ["a", "b"] and snap.skill("a")["order"] == 1
+    assert snap.core()["w"].dtype == torch.bfloat16
+    res = snap.residuals("a")
+    assert res["w"].P.dtype == torch.bfloat16 and res["m"].mask.dtype == torch.bool
+    assert torch.equal(res["w"].P, _entries(2)["w"].P.to(torch.bfloat16))
+    # bf16: 2 bytes per stored float, packed mask ceil(21/8) = 3 bytes
+    assert snap.skill("a")["stored_bytes"] == (18 + 15 + 6) * 2 + 3
+
+
+def test_write_outside_transaction_and_after_commit(tmp_path):
+    store = StateStore(tmp_path / "s")
+    tx = store.transaction("never entered")
+    with pytest.raises(StateError, match="outside"):
+        tx.write_core({"w": torch.ones(1)})
+    with store.transaction("x") as tx:
+        tx.write_skill("a", _entries(), {})
+        tx.commit()
+        with pytest.raises(StateError, match="already committed"):
+            tx.write_skill("b", _entries(), {})
+    assert store.open().skill_names() == ["a"]
+
+
+def test_missing_or_damaged_files_never_read_as_empty(tmp_path):
+    from safetensors.torch import load_file
+
+    from policy_server.state.tensor_io import save_tensors_durable
+
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    f = store.path / "versions/v000001/skills/a.safetensors"
+    good = store.open().residuals("a")
+    # a mask cut short would unpack as zero-padded "False" bits: must be an IntegrityError
+    flat = load_file(str(f))
+    flat["m::mask"] = flat["m::mask"][:-1]
+    save_tensors_durable(flat, f)
+    with pytest.raises(IntegrityError, match="packed mask"):
+        store.open().residuals("a")
+    f.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        store.open().residuals("a")
+    with pytest.raises(IntegrityError, match="missing file skills/a.safetensors"):
+        store.verify()
+    assert good["w"].rank == 3
+
+
+def test_copied_version_dir_and_bad_version_ids(tmp_path):
+    import shutil
+
+    from policy_server.errors import InputError
+
+    store = StateStore(tmp_path / "s")
+    _commit(store, "a")
+    shutil.copytree(store.path / "versions/v000001", store.path / "versions/v000007")
+    with pytest.raises(IntegrityError, match="manifest says version 'v000001'"):
+        store.open("v000007")
+    for bad in ("../v000001", "v1", "current"):
+        with pytest.raises(InputError, match="invalid version id"):
+            store.open(bad)
+
+
+def test_gc_cleans_leftovers_of_killed_writers_and_gcs(tmp_path):
+    store = StateStore(tmp_path / "s")
+    for i, name in enumerate("abc"):
+        _commit(store, name, seed=i)
+    vdir = store.path / "versions"
+    (vdir / ".staging-v000009-1234/skills").mkdir(parents=True)
+    (vdir / ".trash-v000000").mkdir()  # a gc killed between rename and rmtree
+    (store.path / ".CURRENT.tmp-999").write_text("v000002\n")
+    removed = store.gc(keep=2)
+    assert removed == ["v000001", ".staging-v000009-1234", ".CURRENT.tmp-999"]
+    assert sorted(os.listdir(vdir)) == ["v000002", "v000003"]
+    assert store.current_version() == "v000003"
+    for v in ("v000002", "v000003"):
+        store.verify(v)

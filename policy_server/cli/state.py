@@ -103,11 +103,29 @@ def run_show(args) -> int:
 
 
 def run_verify(args) -> int:
+    from policy_server.errors import IntegrityError, StateError
+
     store = _store(args)
-    targets = [v["id"] for v in store.versions()] if args.all else [args.version]
-    for v in targets:
-        rep = store.verify(v, progress=True)
+    if not args.all:
+        rep = store.verify(args.version, progress=True)
         print(f"{rep['version']}: ok ({rep['files']} files, {rep['bytes']:,} bytes)")
+        return 0
+    versions = [v["id"] for v in store.versions()]
+    if not versions:
+        raise StateError(f"{args.state_dir} has no committed versions")
+    # --all reports every bad version instead of stopping at the first one
+    bad = []
+    for v in versions:
+        try:
+            rep = store.verify(v, progress=True)
+        except StateError as e:  # IntegrityError, or a version directory without a manifest
+            bad.append(v)
+            print(f"{v}: FAILED: {e}")
+            continue
+        print(f"{rep['version']}: ok ({rep['files']} files, {rep['bytes']:,} bytes)")
+    if bad:
+        raise IntegrityError(f"{len(bad)} of {len(versions)} versions failed verification: "
+                             f"{', '.join(bad)}")
     return 0
 
 

@@ -21,15 +21,15 @@ import fcntl
 import json
 import os
 import re
+import math
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from policy_server.errors import InputError, IntegrityError, StateError
-from policy_server.merge.entries import ResidualEntry
+from policy_server.merge.entries import Dense, LowRank, Masked, ResidualEntry
 from policy_server.state import tensor_io as tio
 from policy_server.state.format import (
     FORMAT_VERSION,
@@ -49,15 +49,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _test_pause(stage: str) -> None:
-    """Crash-safety tests set CARVE_TEST_PAUSE_AT=<stage> so a SIGKILL lands at a known point."""
-    if os.environ.get("CARVE_TEST_PAUSE_AT") == stage:
-        marker = os.environ.get("CARVE_TEST_PAUSE_MARKER")
-        if marker:  # written aside and renamed: a watcher never sees an empty marker
-            tmp = Path(f"{marker}.tmp")
-            tmp.write_text(stage)
-            os.replace(tmp, marker)
-        time.sleep(float(os.environ.get("CARVE_TEST_PAUSE_SECONDS", "60")))
+_test_pause = tio.test_pause  # CARVE_TEST_PAUSE_AT=<stage> hook (see tensor_io.test_pause)
+
+
+def check_version_id(version: str) -> str:
+    """A version id is ``v`` + at least 6 digits; anything else (``../x``) is refused early."""
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise InputError(f"invalid version id {version!r}: expected e.g. 'v000003'")
+    return version
 
 
 def check_skill_name(name: str) -> str:
@@ -87,25 +86,32 @@ class StateSnapshot:
         raise StateError(f"state version {self.version} has no skill {name!r} "
                          f"(skills: {', '.join(self.skill_names()) or 'none'})")
 
+    def _load(self, rel: str) -> dict[str, torch.Tensor]:
+        # a file the manifest lists must exist; one it does not list reads as empty
+        return tio.load_tensors(self.path / rel, required=rel in self.manifest.get("files", {}))
+
     def core(self) -> dict[str, torch.Tensor]:
-        """Dense core delta per checkpoint key, in the store dtype."""
-        return tio.load_tensors(self.path / CORE_FILE)
+        """Dense core delta per checkpoint key: tensor of the base's shape, store dtype."""
+        return self._load(CORE_FILE)
 
     def aux(self) -> dict[str, torch.Tensor]:
-        """Method state carried between admissions (e.g. per-coordinate counts)."""
-        return tio.load_tensors(self.path / AUX_FILE)
+        """Method state carried between admissions (e.g. per-coordinate counts), dtype as written."""
+        return self._load(AUX_FILE)
 
     def residuals(self, name: str) -> dict[str, ResidualEntry]:
         """The skill's residual entries by checkpoint key (LowRank / Dense / Masked)."""
         rec = self.skill(name)
-        path = self.path / "skills" / f"{name}.safetensors"
-        flat = tio.load_tensors(path)
-        return tio.decode_entries(flat, rec.get("tensors", {}), str(path))
+        rel = f"skills/{name}.safetensors"
+        tensors = rec.get("tensors", {})
+        # a skill with entries must have its file: never silently serve it as core-only
+        flat = tio.load_tensors(self.path / rel,
+                                required=bool(tensors) or rel in self.manifest.get("files", {}))
+        return tio.decode_entries(flat, tensors, str(self.path / rel))
 
     def skill_artifacts(self, name: str) -> dict[str, torch.Tensor]:
         """Router data stored with the skill (empty dict when none)."""
         self.skill(name)
-        return tio.load_tensors(self.path / "artifacts" / f"{name}.safetensors")
+        return self._load(f"artifacts/{name}.safetensors")
 
 
 class Transaction:
@@ -134,6 +140,8 @@ class Transaction:
             self.version_id = self.store._next_version_id()
             self.staging = (self.store.versions_dir
                             / f".staging-{self.version_id}-{os.getpid()}")
+            if self.staging.exists():  # left by a killed writer whose pid we now reuse
+                shutil.rmtree(self.staging)
             self.staging.mkdir(parents=True)
             (self.staging / "skills").mkdir()
             (self.staging / "artifacts").mkdir()
@@ -168,6 +176,54 @@ class Transaction:
             os.link(src, dst)
 
     # -- writes -----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._done:
+            raise StateError("transaction already committed; start a new one")
+        if self._lock_fd is None:
+            raise StateError("write outside `with store.transaction(...) as tx:`")
+
+    def _base_shape(self, key: str, what: str) -> list[int] | None:
+        """The base tensor's shape when the manifest has a base table; InputError for a key the
+        base does not have (a residual for it could never be applied)."""
+        table = (self.manifest.get("base") or {}).get("tensors")
+        if not table:
+            return None
+        if key not in table:
+            raise InputError(f"{what}: tensor {key!r} is not in the base checkpoint")
+        return [int(x) for x in table[key].get("shape", [])]
+
+    @staticmethod
+    def _check_finite(t: torch.Tensor, what: str) -> None:
+        # a NaN/inf would poison every later admission (the core is shared): refuse it here
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{what}: contains NaN or inf values")
+
+    def _validate_entry(self, skill: str, key: str, e: ResidualEntry) -> list[int]:
+        """Check one residual entry and return the full tensor shape it applies to."""
+        what = f"skill {skill!r} tensor {key!r}"
+        if isinstance(e, LowRank):
+            if e.P.ndim != 2 or e.Q.ndim != 2 or e.P.shape[1] != e.Q.shape[0]:
+                raise InputError(f"{what}: low-rank factors P {list(e.P.shape)} and Q "
+                                 f"{list(e.Q.shape)} do not chain (need (m, r) and (r, n))")
+            self._check_finite(e.P, what + " P")
+            self._check_finite(e.Q, what + " Q")
+            if not math.isfinite(float(e.rel_error)):
+                raise InputError(f"{what}: rel_error {e.rel_error!r} is not finite")
+            shape = [int(e.P.shape[0]), int(e.Q.shape[1])]
+        elif isinstance(e, Dense):
+            self._check_finite(e.D, what + " D")
+            shape = [int(x) for x in e.D.shape]
+        elif isinstance(e, Masked):
+            if e.mask.dtype != torch.bool:
+                raise InputError(f"{what}: mask must be a bool tensor, got {e.mask.dtype}")
+            shape = [int(x) for x in e.mask.shape]
+        else:
+            raise InputError(f"{what}: not a residual entry ({type(e).__name__})")
+        want = self._base_shape(key, f"skill {skill!r}")
+        if want is not None and shape != want:
+            raise InputError(f"{what}: entry shape {shape} != base shape {want}")
+        return shape
+
     def _dtype(self) -> torch.dtype:
         name = self.manifest.get("store_dtype", "float32")
         if name not in tio.DTYPES:
@@ -175,14 +231,22 @@ class Transaction:
         return tio.DTYPES[name]
 
     def write_core(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Replace the whole core (checkpoint key -> dense delta)."""
+        """Replace the whole core: checkpoint key -> dense delta of the base tensor's shape (any
+        float dtype in, cast to ``manifest["store_dtype"]`` on disk)."""
+        self._check_open()
         dt = self._dtype()
+        for k, v in tensors.items():
+            want = self._base_shape(k, "core")
+            if want is not None and [int(x) for x in v.shape] != want:
+                raise InputError(f"core tensor {k!r}: shape {list(v.shape)} != base shape {want}")
+            self._check_finite(v, f"core tensor {k!r}")
         tio.save_tensors_durable({k: v.detach().to(dt).cpu() for k, v in tensors.items()},
                                  self.staging / CORE_FILE)
         self._rewritten.add(CORE_FILE)
 
     def write_aux(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the method's carried state (stored as given: counts stay integers)."""
+        self._check_open()
         tio.save_tensors_durable({k: v.detach().cpu() for k, v in tensors.items()},
                                  self.staging / AUX_FILE)
         self._rewritten.add(AUX_FILE)
@@ -191,10 +255,15 @@ class Transaction:
         """Write (or replace) one skill: its residual file and its manifest record.
 
         ``record`` is the manifest record (name, order, instructions, ...); its ``tensors`` map is
-        completed from ``entries`` so the file can always be decoded.
+        completed from ``entries`` so the file can always be decoded: ``kind``, ``rank`` and
+        ``shape`` are always taken from the entry (the shape is what unpacks a bit-packed mask).
+        Replacing an existing skill keeps its admission ``order`` unless ``record`` sets one.
+        Floats are cast to the store dtype; masks are stored as packed uint8 (1 bit/coordinate).
         """
+        self._check_open()
         check_skill_name(name)
         dt = self._dtype()
+        shapes = {key: self._validate_entry(name, key, e) for key, e in entries.items()}
         rel = f"skills/{name}.safetensors"
         tio.save_tensors_durable(tio.encode_entries(entries, dt), self.staging / rel)
         self._rewritten.add(rel)
@@ -204,26 +273,29 @@ class Transaction:
         for key, e in entries.items():
             r = tensors.setdefault(key, {})
             r["kind"] = tio.entry_kind(e)
-            r["rank"] = e.rank if hasattr(e, "rank") else None
+            r["rank"] = e.rank if isinstance(e, LowRank) else None
             r.setdefault("rel_error", float(getattr(e, "rel_error", 0.0)))
-            if "shape" not in r:
-                if hasattr(e, "P"):
-                    r["shape"] = [int(e.P.shape[0]), int(e.Q.shape[1])]
-                else:
-                    r["shape"] = list((e.D if hasattr(e, "D") else e.mask).shape)
+            r["shape"] = shapes[key]
         for key in list(tensors):
             if key not in entries:
                 del tensors[key]
         rec["stored_params"] = int(sum(e.numel() for e in entries.values()))
         rec["stored_bytes"] = int(sum(tio.entry_bytes(e, dt) for e in entries.values()))
-        skills = [s for s in self.manifest.setdefault("skills", []) if s["name"] != name]
-        rec.setdefault("order", max([s.get("order", 0) for s in skills], default=0) + 1)
+        old = [s for s in self.manifest.setdefault("skills", []) if s["name"] == name]
+        skills = [s for s in self.manifest["skills"] if s["name"] != name]
+        if "order" not in rec:
+            rec["order"] = (old[0].get("order") if old else
+                            max([s.get("order", 0) for s in skills], default=0) + 1)
+        rec.setdefault("instructions", [])
+        rec.setdefault("description", "")
         skills.append(rec)
         skills.sort(key=lambda s: s.get("order", 0))
         self.manifest["skills"] = skills
 
     def write_artifacts(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Router data for skill ``name`` (replaces any earlier artifacts of that skill)."""
+        """Router data for skill ``name`` (replaces any earlier artifacts of that skill); tensors
+        are stored as given (dtype kept: embeddings float32, digests uint8)."""
+        self._check_open()
         check_skill_name(name)
         rel = f"artifacts/{name}.safetensors"
         tio.save_tensors_durable({k: v.detach().cpu() for k, v in tensors.items()},
@@ -231,7 +303,9 @@ class Transaction:
         self._rewritten.add(rel)
 
     def remove_skill(self, name: str) -> None:
-        """Drop a skill's record, residual file and artifacts from the new version."""
+        """Drop a skill's record, residual file and artifacts from the new version (only the
+        staged hard links go: the parent's files are untouched)."""
+        self._check_open()
         before = len(self.manifest.get("skills", []))
         self.manifest["skills"] = [s for s in self.manifest.get("skills", [])
                                    if s["name"] != name]
@@ -241,6 +315,7 @@ class Transaction:
             p = self.staging / rel
             if p.exists():
                 p.unlink()
+            self._rewritten.discard(rel)
 
     # -- commit -----------------------------------------------------------------------------------
     def _hash_files(self) -> dict[str, dict]:
@@ -263,10 +338,7 @@ class Transaction:
 
     def commit(self) -> str:
         """Finish the version and make it current. Returns its id (e.g. ``"v000004"``)."""
-        if self._done:
-            raise StateError("transaction already committed")
-        if self._lock_fd is None:
-            raise StateError("commit() outside `with store.transaction(...)`")
+        self._check_open()
         if not (self.staging / CORE_FILE).exists():
             tio.save_tensors_durable({}, self.staging / CORE_FILE)
         m = self.manifest
@@ -275,6 +347,15 @@ class Transaction:
         m["parent"] = self.parent.version if self.parent else None
         m["created"] = _now()
         m["message"] = self.message
+        for rec in m.get("skills", []):
+            if rec.get("tensors") and not (self.staging / "skills"
+                                           / f"{rec['name']}.safetensors").is_file():
+                raise StateError(f"skill {rec['name']!r} has tensor records but no residual file "
+                                 "(set manifest records only through write_skill)")
+        names = {rec["name"] for rec in m.get("skills", [])}
+        for p in (self.staging / "artifacts").glob("*.safetensors"):
+            if p.stem not in names:  # router data nobody could route to: a caller bug
+                raise StateError(f"artifacts written for {p.stem!r}, which has no skill record")
         _test_pause("files-written")
         m["files"] = self._hash_files()
         m["storage"] = storage_accounting(m, self.staging)
@@ -282,6 +363,7 @@ class Transaction:
         tio.write_bytes_durable(self.staging / MANIFEST,
                                 json.dumps(m, indent=1, sort_keys=True).encode())
         tio.fsync_dir(self.staging)
+        _test_pause("manifest-written")
         final = self.store.versions_dir / self.version_id
         os.rename(self.staging, final)
         tio.fsync_dir(self.store.versions_dir)
@@ -317,6 +399,7 @@ class StateStore:
         return sorted(p.name for p in self.versions_dir.iterdir() if VERSION_RE.match(p.name))
 
     def _read_manifest(self, version: str) -> dict:
+        check_version_id(version)
         path = self.versions_dir / version / MANIFEST
         if not path.is_file():
             known = ", ".join(self._committed()) or "none"
@@ -326,6 +409,10 @@ class StateStore:
         except (OSError, json.JSONDecodeError) as e:
             raise IntegrityError(f"{path}: unreadable manifest ({e})") from None
         check_manifest(m, source=str(path))
+        if m.get("version") != version:
+            # a directory copied or renamed by hand: its files may belong to another version
+            raise IntegrityError(f"{path}: manifest says version {m.get('version')!r}, "
+                                 f"but it lives in {version}")
         return m
 
     def open(self, version: str | None = None, verify: bool = False) -> StateSnapshot:
@@ -335,6 +422,7 @@ class StateStore:
             if version is None:
                 raise StateError(f"{self.path} is not a merge state (no CURRENT file); "
                                  "create one with `carve admit`")
+        check_version_id(version)
         if verify:
             self.verify(version)
         return StateSnapshot(self.versions_dir / version, self._read_manifest(version))
@@ -362,6 +450,12 @@ class StateStore:
         if version is None:
             raise StateError(f"{self.path} is not a merge state (no CURRENT file)")
         m = self._read_manifest(version)
+        files = m.get("files", {})
+        for rec in m.get("skills", []):
+            rel = f"skills/{rec['name']}.safetensors"
+            if rec.get("tensors") and rel not in files:
+                raise IntegrityError(f"state {self.path} version {version}: skill "
+                                     f"{rec['name']!r} has entries but {rel} is not recorded")
         root = self.versions_dir / version
         items = sorted(m.get("files", {}).items())
         if progress:
@@ -403,7 +497,10 @@ class StateStore:
         return Transaction(self, message)
 
     def rollback(self, version: str) -> None:
-        """Make ``version`` current again (it is verified first; later versions are kept)."""
+        """Make ``version`` current again (it is verified first; later versions are kept, and the
+        next transaction builds on ``version``). Holds the writer lock, so it cannot interleave
+        with an admission."""
+        check_version_id(version)
         fd = self._acquire_lock()
         try:
             self.verify(version)
@@ -413,24 +510,37 @@ class StateStore:
             os.close(fd)
 
     def gc(self, keep: int = 3) -> list[str]:
-        """Delete all but the ``keep`` newest versions (never the current one) and stale staging
-        directories. Files shared by hard links stay alive through the versions that keep them."""
-        if keep < 1:
+        """Delete all but the ``keep`` newest versions (never the current one), stale staging
+        directories and temp files of killed writers. Returns what was removed.
+
+        Files shared by hard links stay alive through the versions that keep them (unlinking a
+        directory entry never touches another link's data). A version is first renamed to a
+        ``.trash-*`` name (atomic), so a gc killed half-way never leaves a half-deleted directory
+        that still looks like a version; the next gc finishes the job."""
+        if not isinstance(keep, int) or keep < 1:
             raise InputError(f"--keep must be >= 1, got {keep}")
+        if not self.versions_dir.is_dir():
+            raise StateError(f"{self.path} is not a merge state (no versions/ directory)")
         fd = self._acquire_lock()
         try:
             cur = self.current_version()
             committed = self._committed()
-            keep_set = set(committed[-keep:]) | {cur}
+            keep_set = set(committed[-keep:]) | ({cur} if cur else set())
             removed = []
             for v in committed:
                 if v not in keep_set:
-                    shutil.rmtree(self.versions_dir / v)
+                    os.rename(self.versions_dir / v, self.versions_dir / f".trash-{v}")
                     removed.append(v)
+            tio.fsync_dir(self.versions_dir)
             for p in self.versions_dir.iterdir():
-                if p.name.startswith(".staging-"):
+                # under the lock no writer is live, so every staging dir belongs to a dead one
+                if p.name.startswith((".staging-", ".trash-")):
                     shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p.name)
+                    if p.name.startswith(".staging-"):
+                        removed.append(p.name)
+            for p in self.path.glob(".CURRENT.tmp-*"):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
             tio.fsync_dir(self.versions_dir)
             return removed
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,34 @@ from policy_server.merge.entries import Dense, LowRank, Masked, ResidualEntry
 
 SEP = "::"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+_PAUSE_HITS: dict[str, int] = {}
+
+
+def test_pause(stage: str) -> None:
+    """Crash-safety test hook: park the process at a named stage so a SIGKILL lands there.
+
+    Inert unless ``CARVE_TEST_PAUSE_AT=<stage>``. ``CARVE_TEST_PAUSE_SKIP=k`` lets the first ``k``
+    hits of the stage pass (e.g. pause while writing the third file); ``CARVE_TEST_PAUSE_MARKER``
+    names a file written (aside + rename, so a watcher never reads it half-written) when the pause
+    starts; ``CARVE_TEST_PAUSE_SECONDS`` (default 60) bounds the sleep. Stages: ``file-aside``
+    (a tensor file written to its temp name, not yet renamed), ``files-written`` (all data files
+    staged, manifest not yet written), ``manifest-written`` (staging complete, not yet renamed to
+    versions/<id>), ``before-current`` (version directory final, CURRENT not yet switched).
+    """
+    if os.environ.get("CARVE_TEST_PAUSE_AT") != stage:
+        return
+    hits = _PAUSE_HITS.get(stage, 0)
+    _PAUSE_HITS[stage] = hits + 1
+    if hits < int(os.environ.get("CARVE_TEST_PAUSE_SKIP", "0")):
+        return
+    marker = os.environ.get("CARVE_TEST_PAUSE_MARKER")
+    if marker:
+        tmp = Path(f"{marker}.tmp")
+        tmp.write_text(stage)
+        os.replace(tmp, marker)
+    time.sleep(float(os.environ.get("CARVE_TEST_PAUSE_SECONDS", "60")))
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,6 +76,7 @@ def save_tensors_durable(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors ``save_file`` with the same write-aside + fsync + rename discipline."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    test_pause("file-aside")
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -73,6 +103,10 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     """Inverse of :func:`pack_mask`: uint8 (k,) -> bool tensor of ``shape``."""
     n = int(np.prod(shape)) if len(shape) else 1
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        # numpy would silently zero-pad a short buffer: that must read as damage, not as "False"
+        raise IntegrityError(f"packed mask holds {packed.numel()} {packed.dtype} values, expected "
+                             f"{(n + 7) // 8} uint8 for shape {list(shape)}")
     bits = np.unpackbits(packed.cpu().numpy().astype(np.uint8), count=n, bitorder="little")
     return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
 
@@ -103,14 +137,29 @@ def decode_entries(flat: dict[str, torch.Tensor], records: dict[str, dict], sour
     out: dict[str, ResidualEntry] = {}
     for name, rec in records.items():
         kind = rec.get("kind")
+        shape = [int(x) for x in rec.get("shape") or []]
         try:
             if kind == "lowrank":
-                out[name] = LowRank(flat[f"{name}{SEP}P"], flat[f"{name}{SEP}Q"],
-                                    float(rec.get("rel_error", 0.0)))
+                P, Q = flat[f"{name}{SEP}P"], flat[f"{name}{SEP}Q"]
+                ok = (P.ndim == 2 and Q.ndim == 2 and P.shape[1] == Q.shape[0]
+                      and (not shape or [P.shape[0], Q.shape[1]] == shape))
+                if not ok:
+                    raise IntegrityError(f"{source}: tensor {name!r}: P {list(P.shape)} @ Q "
+                                         f"{list(Q.shape)} does not give shape {shape}")
+                out[name] = LowRank(P, Q, float(rec.get("rel_error", 0.0)))
             elif kind == "dense":
-                out[name] = Dense(flat[f"{name}{SEP}D"])
+                D = flat[f"{name}{SEP}D"]
+                if shape and list(D.shape) != shape:
+                    raise IntegrityError(f"{source}: tensor {name!r}: D has shape {list(D.shape)}, "
+                                         f"manifest says {shape}")
+                out[name] = Dense(D)
             elif kind in ("mask", "masked"):
-                out[name] = Masked(unpack_mask(flat[f"{name}{SEP}mask"], rec["shape"]))
+                if "shape" not in rec:
+                    raise IntegrityError(f"{source}: masked tensor {name!r} has no shape record")
+                try:
+                    out[name] = Masked(unpack_mask(flat[f"{name}{SEP}mask"], shape))
+                except IntegrityError as e:
+                    raise IntegrityError(f"{source}: tensor {name!r}: {e}") from None
             else:
                 raise IntegrityError(f"{source}: tensor {name!r} has unknown entry kind {kind!r}")
         except KeyError as e:
@@ -130,9 +179,15 @@ def entry_bytes(e: ResidualEntry, dtype: torch.dtype) -> int:
     return e.numel() * item
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a whole safetensors file (state files are small next to a checkpoint)."""
+def load_tensors(path: Path, required: bool = False) -> dict[str, torch.Tensor]:
+    """Load a whole safetensors file (state files are small next to a checkpoint).
+
+    A file that does not exist reads as ``{}`` unless ``required`` (the manifest lists it), in
+    which case that is an IntegrityError: a deleted residual file must never read as "no residual".
+    """
     if not path.exists():
+        if required:
+            raise IntegrityError(f"{path}: listed in the manifest but missing")
         return {}
     try:
         return load_file(str(path))

@@ -28,7 +28,7 @@ from policy_server.merge.methods.base import (
     TensorState,
     register_method,
 )
-from policy_server.merge.methods.task_arithmetic import check_float, check_tau, check_taus
+from policy_server.merge.methods.common import check_float, check_tau, check_taus
 
 
 @dataclass

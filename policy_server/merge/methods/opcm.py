@@ -38,7 +38,7 @@ from policy_server.merge.methods.base import (
     TensorState,
     register_method,
 )
-from policy_server.merge.methods.task_arithmetic import (
+from policy_server.merge.methods.common import (
     check_bool,
     check_float,
     check_patterns,

@@ -31,7 +31,7 @@ from policy_server.merge.methods.base import (
     TensorContext,
     register_method,
 )
-from policy_server.merge.methods.task_arithmetic import check_choice, check_float, check_taus
+from policy_server.merge.methods.common import check_choice, check_float, check_taus
 
 TRIM_SCOPES = ("tensor", "global")
 CONSENSUS = ("mass", "count")

@@ -28,7 +28,7 @@ from policy_server.merge.methods.base import (
     TensorContext,
     register_method,
 )
-from policy_server.merge.methods.task_arithmetic import (
+from policy_server.merge.methods.common import (
     check_float,
     check_patterns,
     check_taus,

@@ -297,3 +297,25 @@ def test_gc_cleans_leftovers_of_killed_writers_and_gcs(tmp_path):
     assert store.current_version() == "v000003"
     for v in ("v000002", "v000003"):
         store.verify(v)
+
+
+def test_streaming_writer_matches_safetensors_format(tmp_path):
+    """The store's one-tensor-at-a-time writer produces files safetensors reads back exactly, for
+    every dtype the store writes (incl. bf16, bool, empty, 0-d and non-contiguous tensors)."""
+    from safetensors.torch import load_file
+
+    from policy_server.state.tensor_io import LazyTensors, write_safetensors_streaming
+
+    ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
+          "c": torch.tensor([True, False, True]), "d": torch.zeros(0, 4),
+          "e": torch.arange(10, dtype=torch.int64)[::2], "f": torch.tensor(3.5),
+          "g": torch.randn(4, 6).t(), "h": torch.randint(0, 255, (9,), dtype=torch.uint8)}
+    path = tmp_path / "x.safetensors"
+    write_safetensors_streaming(ts, path)
+    back = load_file(str(path))
+    assert set(back) == set(ts)
+    for k, v in ts.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v.contiguous()), k
+    lazy = LazyTensors(path)
+    assert torch.equal(lazy.pop("a"), ts["a"]) and "a" not in lazy and lazy.pop("a") is None
+    assert len(lazy) == len(ts) - 1

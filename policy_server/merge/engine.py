@@ -305,7 +305,8 @@ def admit(state_dir, base_dir, expert_dir, skill: str, instructions: Sequence[st
         old_res = {s: dict(parent.residuals(s)) for s in others}
 
     # ---- stream ------------------------------------------------------------------------------
-    old_core = dict(parent.core()) if parent is not None else {}
+    # lazy: one core tensor in memory at a time (the old core is as large as the new one)
+    old_core = parent.core(lazy=True) if parent is not None else {}
     old_aux_flat = dict(parent.aux()) if parent is not None else {}
     old_aux: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in old_aux_flat.items():

@@ -90,8 +90,14 @@ class StateSnapshot:
         # a file the manifest lists must exist; one it does not list reads as empty
         return tio.load_tensors(self.path / rel, required=rel in self.manifest.get("files", {}))
 
-    def core(self) -> dict[str, torch.Tensor]:
-        """Dense core delta per checkpoint key: tensor of the base's shape, store dtype."""
+    def core(self, lazy: bool = False):
+        """Dense core delta per checkpoint key: tensor of the base's shape, store dtype.
+        ``lazy=True`` returns a ``tensor_io.LazyTensors`` that loads one tensor per ``pop``/``get``
+        (for callers that walk a large core tensor by tensor)."""
+        if lazy:
+            if CORE_FILE in self.manifest.get("files", {}) and not (self.path / CORE_FILE).exists():
+                raise IntegrityError(f"{self.path / CORE_FILE}: listed in the manifest but missing")
+            return tio.LazyTensors(self.path / CORE_FILE)
         return self._load(CORE_FILE)
 
     def aux(self) -> dict[str, torch.Tensor]:

@@ -9,13 +9,15 @@ it). Everything is written aside, fsynced and renamed, so a reader never sees a 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from policy_server.errors import IntegrityError
 from policy_server.merge.entries import Dense, LowRank, Masked, ResidualEntry
@@ -72,10 +74,45 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors_streaming(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    ``safetensors.torch.save_file`` serialises every tensor into one in-memory buffer first, which
+    doubled the admission's peak memory for a 2 GB core; this writes the same format (8-byte
+    little-endian header length, JSON header padded to 8 bytes, raw little-endian data in header
+    order) straight from each tensor's storage. Tensors of unsupported dtype raise TypeError.
+    """
+    header: dict = {}
+    offset = 0
+    items = sorted(tensors.items())  # safetensors' own order: readers do not depend on it
+    for name, t in items:
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _name, t in items:
+            if t.numel():
+                flat = t.detach().cpu().contiguous().reshape(-1)
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
+        f.flush()
+
+
 def save_tensors_durable(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors ``save_file`` with the same write-aside + fsync + rename discipline."""
+    """Write a safetensors file aside, fsync it, rename it into place and fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    write_safetensors_streaming(tensors, tmp)
     test_pause("file-aside")
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -177,6 +214,38 @@ def entry_bytes(e: ResidualEntry, dtype: torch.dtype) -> int:
     if isinstance(e, Masked):
         return (e.mask.numel() + 7) // 8
     return e.numel() * item
+
+
+class LazyTensors:
+    """Read-on-demand view of a safetensors file: ``pop(key)`` / ``get(key)`` load one tensor, so
+    a caller walking a 2 GB core tensor by tensor never holds it all (the admission engine)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = safe_open(str(path), "pt") if path.exists() else None
+        self._keys = set(self._f.keys()) if self._f is not None else set()
+
+    def keys(self):
+        return set(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, key, default=None):
+        return self._f.get_tensor(key) if key in self._keys else default
+
+    def pop(self, key, default=None):
+        if key not in self._keys:
+            return default
+        self._keys.discard(key)
+        return self._f.get_tensor(key)
+
+    def items(self):
+        for k in sorted(self._keys):
+            yield k, self._f.get_tensor(k)
 
 
 def load_tensors(path: Path, required: bool = False) -> dict[str, torch.Tensor]:

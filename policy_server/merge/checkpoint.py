@@ -89,6 +89,35 @@ def _read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], tor
     return out
 
 
+def safetensors_index(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
+    """{key: (shape, dtype, absolute byte offset, byte length)} of a safetensors file, validated
+    like :func:`_read_safetensors_header`."""
+    meta = _read_safetensors_header(file)
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+    return {k: (shape, dtype, 8 + n + header[k]["data_offsets"][0],
+                header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
+            for k, (shape, dtype) in meta.items()}
+
+
+def read_tensor_at(fd: int, offset: int, nbytes: int, shape: tuple[int, ...],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Read one tensor's bytes with ``os.preadv`` into a fresh buffer (thread-safe, no mmap).
+
+    Reading instead of memory-mapping keeps a streaming merge's resident memory at the tensors it
+    holds: mapped pages of a multi-GB checkpoint would otherwise stay resident (and count in RSS)
+    long after each tensor was copied out.
+    """
+    buf = bytearray(nbytes)
+    got = os.preadv(fd, [buf], offset) if nbytes else 0
+    if got != nbytes:
+        raise InputError(f"short read: {got} of {nbytes} bytes at offset {offset}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
 def _file_digest(file: Path, h) -> None:
     """Feed size + first and last MiB of ``file`` into hash ``h`` (cheap identity check)."""
     size = file.stat().st_size
@@ -162,15 +191,15 @@ class CheckpointReader:
         handle = self._handles.get(file)
         try:
             if handle is None:
-                from safetensors import safe_open
-
-                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            # get_tensor views the handle's memory map: callers fold weights in place (the runtime
-            # adds the core to base tensors), so hand out an owned copy or later reads see the edit
-            return handle.get_tensor(key).clone()
-        except InputError:
-            raise
-        except Exception as e:  # safetensors raises its own error type for bad data
+                handle = self._handles[file] = (os.open(file, os.O_RDONLY), safetensors_index(file))
+            fd, index = handle
+            shape, dtype, offset, nbytes = index[key]
+            # an owned buffer per call: callers fold weights in place (the runtime adds the core to
+            # base tensors), and nothing stays mapped once the caller drops the tensor
+            return read_tensor_at(fd, offset, nbytes, shape, dtype)
+        except InputError as e:
+            raise InputError(f"{file}: cannot read tensor {key!r}: {e}") from e
+        except (OSError, ValueError, RuntimeError) as e:
             raise InputError(f"{file}: cannot read tensor {key!r}: {e}") from e
 
     def num_params(self) -> int:
@@ -197,9 +226,18 @@ class CheckpointReader:
         return self._fingerprint
 
     def close(self) -> None:
-        """Drop open file handles and memory maps (reopened lazily on the next get)."""
+        """Close open file handles (reopened lazily on the next get)."""
+        for fd, _index in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._pickle_sd.clear()
+
+    def __del__(self):
+        for fd, _index in getattr(self, "_handles", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from policy_server.errors import IntegrityError
@@ -221,9 +220,24 @@ class LazyTensors:
     a caller walking a 2 GB core tensor by tensor never holds it all (the admission engine)."""
 
     def __init__(self, path: Path):
+        from policy_server.merge.checkpoint import safetensors_index
+
         self.path = path
-        self._f = safe_open(str(path), "pt") if path.exists() else None
-        self._keys = set(self._f.keys()) if self._f is not None else set()
+        self._index = safetensors_index(path) if path.exists() else {}
+        self._fd = os.open(path, os.O_RDONLY) if path.exists() else None
+        self._keys = set(self._index)
+
+    def _read(self, key: str) -> torch.Tensor:
+        # plain reads, not a memory map: pages of an old multi-GB core must not stay resident
+        from policy_server.merge.checkpoint import read_tensor_at
+
+        shape, dtype, offset, nbytes = self._index[key]
+        return read_tensor_at(self._fd, offset, nbytes, shape, dtype)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def keys(self):
         return set(self._keys)
@@ -235,17 +249,17 @@ class LazyTensors:
         return len(self._keys)
 
     def get(self, key, default=None):
-        return self._f.get_tensor(key) if key in self._keys else default
+        return self._read(key) if key in self._keys else default
 
     def pop(self, key, default=None):
         if key not in self._keys:
             return default
         self._keys.discard(key)
-        return self._f.get_tensor(key)
+        return self._read(key)
 
     def items(self):
         for k in sorted(self._keys):
-            yield k, self._f.get_tensor(k)
+            yield k, self._read(k)
 
 
 def load_tensors(path: Path, required: bool = False) -> dict[str, torch.Tensor]:

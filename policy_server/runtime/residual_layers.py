@@ -94,7 +94,19 @@ def _add_segmented_lowrank(y3: torch.Tensor, x3: torch.Tensor, st: ResidualStack
         y3.index_add_(0, idx, (x3.index_select(0, idx) @ st.Q[s, :r].T) @ st.P[s, :, :r].T)
 
 
-class ResidualLinear(nn.Linear):
+class _WeightBiasResiduals:
+    """``wrap`` shared by the layers with per-row residuals on both weight and bias."""
+
+    @classmethod
+    def wrap(cls, base: nn.Module, name: str, weight_res: ResidualStack | None,
+             bias_res: ResidualStack | None):
+        """A ``cls`` layer sharing ``base``'s parameters, with the residual stacks attached."""
+        layer = _share(base, cls)
+        layer.layer_name, layer.weight_res, layer.bias_res = name, weight_res, bias_res
+        return layer
+
+
+class ResidualLinear(_WeightBiasResiduals, nn.Linear):
     """``nn.Linear`` plus per-row skill residuals on its weight (low-rank and/or dense) and bias.
 
     x: (B, ..., in_features) -> (B, ..., out_features), model dtype.
@@ -102,13 +114,6 @@ class ResidualLinear(nn.Linear):
 
     weight_res: ResidualStack | None
     bias_res: ResidualStack | None
-
-    @classmethod
-    def wrap(cls, base: nn.Linear, name: str, weight_res: ResidualStack | None,
-             bias_res: ResidualStack | None) -> "ResidualLinear":
-        layer = _share(base, cls)
-        layer.layer_name, layer.weight_res, layer.bias_res = name, weight_res, bias_res
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -134,7 +139,7 @@ class ResidualLinear(nn.Linear):
         return y
 
 
-class ResidualLayerNorm(nn.LayerNorm):
+class ResidualLayerNorm(_WeightBiasResiduals, nn.LayerNorm):
     """``nn.LayerNorm`` with per-row dense residuals on its affine weight and bias.
 
     Computes ``norm(x) * (w + dW_k) + (b + dB_k)`` with the per-row effective affine parameters,
@@ -143,13 +148,6 @@ class ResidualLayerNorm(nn.LayerNorm):
 
     weight_res: ResidualStack | None
     bias_res: ResidualStack | None
-
-    @classmethod
-    def wrap(cls, base: nn.LayerNorm, name: str, weight_res: ResidualStack | None,
-             bias_res: ResidualStack | None) -> "ResidualLayerNorm":
-        layer = _share(base, cls)
-        layer.layer_name, layer.weight_res, layer.bias_res = name, weight_res, bias_res
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, bres = self.weight_res, self.bias_res

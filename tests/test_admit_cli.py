@@ -11,9 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("policy_server.state.store",
-                    reason="state store (policy_server/state/store.py) not written yet")
-
 from ckpt_utils import write_checkpoint  # noqa: E402
 from test_engine import SHAPES, make_family, tree_digest  # noqa: E402
 

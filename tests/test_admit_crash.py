@@ -13,9 +13,6 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("policy_server.state.store",
-                    reason="state store (policy_server/state/store.py) not written yet")
-
 from ckpt_utils import write_checkpoint  # noqa: E402
 from test_engine import tree_digest  # noqa: E402
 

@@ -123,7 +123,7 @@ def test_cli_parses():
 # ---------------------------------------------------------------- real closed-loop smoke run
 def test_closed_loop_smoke_real_server(tmp_path, monkeypatch):
     """Tiny 2-expert factory, CARVE r4, 1 episode per task, oracle only, real gRPC + Meta-World."""
-    pytest.importorskip("metaworld")
+    pytest.importorskip("metaworld", reason="Meta-World is the optional sim extra")
     import torch
 
     from bench.closed_loop.run import run_benchmark

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("metaworld")
+pytest.importorskip("metaworld", reason="Meta-World is the optional sim extra")
 
 from policy_server.errors import InputError  # noqa: E402
 from policy_server.sim.metaworld_env import (Demos, collect_demos, make_env, rollout,  # noqa: E402

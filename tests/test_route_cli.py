@@ -54,8 +54,9 @@ class _FakeSnapshot:
 
 def _real_state(path, embedder):
     """A merge state written with the real StateStore (router data only, no residuals)."""
-    store_mod = pytest.importorskip("policy_server.state.store")
-    store = store_mod.StateStore(path)
+    from policy_server.state.store import StateStore
+
+    store = StateStore(path)
     with store.transaction("router test state") as tx:
         for i, (name, instr) in enumerate(SKILLS.items()):
             tx.write_skill(name, {}, {"name": name, "order": i + 1, "instructions": instr,
@@ -144,7 +145,6 @@ def test_cli_bad_input_exit_codes(tmp_path):
     assert r.returncode == 2 and "no instruction given" in r.stderr
     assert main(["route", str(tmp_path), "--file", str(tmp_path / "missing.txt")]) == 2
     # a directory that is no merge state: StateError -> exit code 3
-    pytest.importorskip("policy_server.state.store")
     assert main(["route", str(tmp_path / "no-state"), "turn on the stove"]) == 3
 
 

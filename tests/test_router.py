@@ -294,7 +294,8 @@ def test_vsubspace_router_picks_right_skill_on_synthetic_experts():
 
 def test_vsubspace_router_with_demo_vla():
     """End to end on the demo VLA: the captured inputs of the head's value projection decide."""
-    demo = pytest.importorskip("policy_server.models.demo_vla")
+    import policy_server.models.demo_vla as demo
+
     cfg = demo.DemoVLAConfig()
     backend = demo.DemoVLABackend(cfg)
     key = backend.value_projection_names()[-1]
@@ -413,9 +414,10 @@ def test_admission_hooks_end_to_end_with_demo_vla(tmp_path, embedder):
     """Admit two demo-VLA experts through the real engine with the router hooks, then route from
     the stored state: text from cached embeddings (no re-embedding), value subspace from the
     stored bases with the base + core model."""
-    demo = pytest.importorskip("policy_server.models.demo_vla")
-    engine = pytest.importorskip("policy_server.merge.engine")
-    store_mod = pytest.importorskip("policy_server.state.store")
+    import policy_server.merge.engine as engine
+    import policy_server.models.demo_vla as demo
+    import policy_server.state.store as store_mod
+
     torch.manual_seed(0)
     cfg = demo.DemoVLAConfig(state_dim=8, hidden_dim=32, mlp_dim=64, vocab_size=256, text_dim=16)
     base = demo.DemoVLABackend(cfg)

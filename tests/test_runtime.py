@@ -330,7 +330,8 @@ def test_demo_vla_backend_modes_match_reference():
     """The built-in demo VLA (EmbeddingBag text, CNN camera, cross-attention action expert):
     residuals on its Linear / LayerNorm layers ride the side path, those on the EmbeddingBag and
     the learned query parameter fall back to fused groups; all modes equal the reference."""
-    demo = pytest.importorskip("policy_server.models.demo_vla")
+    import policy_server.models.demo_vla as demo
+
     cfg = demo.DemoVLAConfig(state_dim=5, action_dim=3, chunk_length=2, hidden_dim=32, mlp_dim=48,
                              num_heads=4, num_trunk_tokens=2, num_expert_blocks=1, vocab_size=97,
                              text_dim=16, cameras={"front": [16, 16]}, cnn_channels=4,

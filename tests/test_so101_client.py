@@ -219,7 +219,8 @@ def test_runner_stops_on_robot_fault_and_rejects_wrong_spec():
 
 def test_runner_unreachable_server_is_safe():
     """A real gRPC client to a port nobody listens on: the run must stop cleanly, arm held."""
-    client_mod = pytest.importorskip("clients.client")
+    import clients.client as client_mod
+
     client = client_mod.PolicyClient("127.0.0.1:1", timeout=0.5, retries=0)
     robot = FakeRobot(cameras={})
     runner = ArmPolicyRunner(client, robot, ArmRunConfig("x", hz=30, max_steps=30),
@@ -253,7 +254,7 @@ class BackendEpisode:
     (1, 6) float32, camera (1, H, W, 3) uint8 at the spec size, chunk (T, 6)."""
 
     def __init__(self, instruction):
-        torch = pytest.importorskip("torch")
+        torch = pytest.importorskip("torch", reason="the robot-side environment may run without torch")
         from policy_server.models.base import ObservationBatch
         from policy_server.models.demo_vla import DemoVLABackend, DemoVLAConfig
 
@@ -324,7 +325,6 @@ def test_cli_fake_robot(monkeypatch, capsys):
 def _demo_engine(delay_s=0.0):
     """A ``PolicyEngine`` over a real (untrained) demo VLA with an SO-101-shaped spec, served by the
     real ``PolicyServer``; ``delay_s`` slows inference (to kill the server mid-request)."""
-    pytest.importorskip("policy_server.service.server")
     from policy_server.service.engine_api import PolicyEngine
     from router.base import RouteDecision
 

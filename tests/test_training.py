@@ -103,7 +103,7 @@ def test_lora_errors():
 def test_tiny_factory_real_metaworld(tmp_path, monkeypatch):
     """End to end on the real simulator with a tiny preset: demos cached, base + full and LoRA
     experts written, factory.json complete, a second call served from cache."""
-    pytest.importorskip("metaworld")
+    pytest.importorskip("metaworld", reason="Meta-World is the optional sim extra")
     from policy_server.models.registry import load_backend
     from policy_server.sim.suites import Preset
     from policy_server.training.train import build_factory

@@ -11,8 +11,8 @@ import argparse
 import time
 
 import numpy as np
+from carve_client import PolicyClient
 
-from clients.client import PolicyClient
 from policy_server.models.base import ImageSpec, PolicySpec
 from policy_server.service.engine_api import PolicyEngine
 from policy_server.service.server import PolicyServer, ServerConfig

@@ -36,7 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policy_server.merge.checkpoint import CheckpointWriter  # noqa: E402
+from policy_server.dtypes import DTYPE_NAMES  # noqa: E402
+from policy_server.progress import progress  # noqa: E402
+from policy_server.tensors.checkpoint import CheckpointWriter  # noqa: E402
 from policy_server.merge.lowrank import truncated_svd  # noqa: E402
 
 # `carve` run by this interpreter (no dependence on the console script being on PATH), reporting the process's own peak RSS (VmHWM of its post-exec address space) on stderr.
@@ -82,8 +84,6 @@ def write_family(work: Path, shapes: dict, cfg: dict, n_experts: int, dtype: tor
                  shared_rank: int, task_rank: int, sparse: float, seed: int = 0) -> list[Path]:
     """Write base/ and expert{i}/ checkpoints, streaming tensor by tensor (one tensor + its
     N perturbations in RAM)."""
-    from tqdm.auto import tqdm
-
     dirs = [work / "base"] + [work / f"expert{i}" for i in range(n_experts)]
     cfg_dir = work / "_cfg"
     cfg_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def write_family(work: Path, shapes: dict, cfg: dict, n_experts: int, dtype: tor
                for d in dirs]
     g = torch.Generator().manual_seed(seed)
     try:
-        for key in tqdm(sorted(shapes), desc="write checkpoints", unit="tensor"):
+        for key in progress(sorted(shapes), True, "write checkpoints", len(shapes)):
             shape = shapes[key]
             fan = shape[-1] if len(shape) > 1 else 1
             w = _rand(shape, g, 1.0 / math.sqrt(fan)) if len(shape) > 1 else 1.0 + _rand(shape, g, 0.02)
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--rank", type=int, default=64, help="CARVE residual rank")
     ap.add_argument("--svd", default="auto", choices=("auto", "exact", "randomized"))
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--store-dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
+    ap.add_argument("--store-dtype", default="float32", choices=DTYPE_NAMES)
     ap.add_argument("--shared-rank", type=int, default=16)
     ap.add_argument("--task-rank", type=int, default=16)
     ap.add_argument("--sparse", type=float, default=0.01, help="fraction of sparse updates")
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
 
         # interpreter + torch + carve imports: subtracted so RSS/ckpt shows what admission adds
         _, _, base_rss, _ = run_admission(
-            [sys.executable, "-c", "import json, sys, policy_server.merge.engine, "
+            [sys.executable, "-c", "import json, sys, policy_server.state.admission, "
              "policy_server.state.store; from policy_server.cli import build_parser; "
              "build_parser(); print(json.dumps({})); print('BENCH_' + [l for l in "
              "open('/proc/self/status') if l.startswith('VmHWM')][0].strip(), file=sys.stderr)"])

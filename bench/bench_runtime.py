@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policy_server.merge.entries import LowRank
+from policy_server.tensors.entries import LowRank
 from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
-from policy_server.runtime import MicroBatcher, PolicyRuntime, ResidualLinear, ResidualStack
+from policy_server.runtime import ResidualLinear, ResidualStack
+from policy_server.serving import EngineConfig, assemble_engine
 
 STATE, CHUNK, ACT = 32, 8, 7
 
@@ -98,6 +99,9 @@ class Snap:
     def residuals(self, name):
         return self._res[name]
 
+    def skill(self, name):
+        return {"name": name, "instructions": []}
+
 
 def obs(n: int, seed: int = 0) -> ObservationBatch:
     rng = np.random.default_rng(seed)
@@ -157,25 +161,26 @@ def layer_overhead(d: int, tokens: int, rank: int, batch: int, reps: int, device
           f"x{t['bgmv'] / t['base']:.3f} | theory x{1 + rank * 5 * d / (4 * d * d):.3f}")
 
 
-def episodes(rt, skills: list[str], steps: int, max_wait_ms: float) -> tuple[float, list[int]]:
-    """8 robot threads, each ``steps`` sequential steps through one MicroBatcher: steps/s."""
+def episodes(engine, skills: list[str], steps: int) -> tuple[float, list[int]]:
+    """8 robot threads, each ``steps`` sequential steps through the serving engine (its
+    MicroBatcher, as the gRPC service calls it): steps/s and the batch sizes."""
     start = threading.Barrier(len(skills))
-    with MicroBatcher(rt, max_batch=16, max_wait_ms=max_wait_ms) as mb:
-        def robot(i):
-            o = obs(1, seed=i)
-            # episodes start together: otherwise robots settle into cohorts that never merge
-            # (a cohort resubmits while the worker serves the other), halving batch sizes
-            start.wait()
-            for _ in range(steps):
-                mb.submit(o, skills[i]).result()
-        threads = [threading.Thread(target=robot, args=(i,)) for i in range(len(skills))]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        dt = time.perf_counter() - t
-    return len(skills) * steps / dt, list(mb.batch_sizes)
+
+    def robot(i):
+        o = obs(1, seed=i)
+        # episodes start together: otherwise robots settle into cohorts that never merge
+        # (a cohort resubmits while the worker serves the other), halving batch sizes
+        start.wait()
+        for _ in range(steps):
+            engine.infer(o, skills[i])
+    threads = [threading.Thread(target=robot, args=(i,)) for i in range(len(skills))]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    dt = time.perf_counter() - t
+    return len(skills) * steps / dt, list(engine.batcher.batch_sizes)
 
 
 def main() -> None:
@@ -197,9 +202,13 @@ def main() -> None:
 
     layer_overhead(a.dim, a.tokens, a.rank, a.batch, 5 * a.reps, a.device)
     snap = Snap(BenchBackend(a.dim, a.layers, a.tokens).module, a.skills, a.rank)
-    make = lambda mode: PolicyRuntime(BenchBackend(a.dim, a.layers, a.tokens), snap,  # noqa: E731
-                                      mode=mode, device=a.device)
-    side, fused = make("side"), make("fused")
+    def make(mode: str):
+        # the serving composition root, over the in-memory model and state
+        return assemble_engine(BenchBackend(a.dim, a.layers, a.tokens), snap, EngineConfig(
+            base_dir="", mode=mode, device=a.device, router="exact", max_batch=16,
+            max_wait_ms=a.max_wait_ms))
+    side_engine, fused_engine = make("side"), make("fused")
+    side, fused = side_engine.runtime, fused_engine.runtime
     n_par = sum(p.numel() for p in side.backend.module.parameters())
     names = side.skill_names
     print(f"model: d={a.dim} layers={a.layers} tokens={a.tokens} params={n_par / 1e6:.1f}M "
@@ -232,15 +241,17 @@ def main() -> None:
         sw = compare({"sw": switch}, max(5, a.reps), dev)["sw"]
         touched = sum(fused.bank.index.tensors[key].numel() for key in fused.bank.touched(1))
         print(f"fused switch (unmerge + merge, {touched / 1e6:.1f}M params touched): {sw:.2f} ms")
-    side.close()
-    fused.close()
+    for e in (side_engine, fused_engine):
+        e.close()
+        e.runtime.close()
     for label, sk in (("mixed", [names[i % len(names)] for i in range(8)]),
                       ("same", [names[0]] * 8)):
-        rt = make("auto")
-        sps, sizes = episodes(rt, sk, a.steps, a.max_wait_ms)
+        engine = make("auto")
+        sps, sizes = episodes(engine, sk, a.steps)
         print(f"8 episodes x {a.steps} steps, {label}-skill via MicroBatcher(max_wait_ms="
               f"{a.max_wait_ms}): {sps:.1f} steps/s, mean batch {np.mean(sizes):.2f}")
-        rt.close()
+        engine.close()
+        engine.runtime.close()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from carve_client import PolicyClient, TokenError, read_token
 
 from clients.libero_preprocess import (DUMMY_ACTION, ENV_RESOLUTION, MAX_STEPS, NUM_STEPS_WAIT,
                                        Convention, make_convention, map_to_spec_images)
@@ -233,14 +234,6 @@ def run_suite(client, suite: str = "libero_spatial", tasks: list[int] | None = N
     return result
 
 
-def _read_token(path: str | None) -> str | None:
-    """Bearer token from a file (kept off the command line, where ``ps`` shows it) or from the
-    ``CARVE_TOKEN`` environment variable."""
-    if path:
-        return open(path).read().strip()
-    return os.environ.get("CARVE_TOKEN") or None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.libero_client",
                                 description="Evaluate a carve-serve policy on LIBERO.")
@@ -263,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-root-cert", default=None)
     p.add_argument("--timeout", type=float, default=30.0)
     args = p.parse_args(argv)
+    try:
+        token = read_token(args.token_file)
+    except TokenError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from clients.client import PolicyClient
 
     kwargs = {"center_crop": args.center_crop} if args.convention == "openvla" else {}
     conv = make_convention(args.convention, suite=args.suite, **kwargs)
-    client = PolicyClient(args.server, token=_read_token(args.token_file),
+    client = PolicyClient(args.server, token=token,
                           tls_root_cert=args.tls_root_cert, timeout=args.timeout)
     tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else None
     try:

@@ -18,8 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from carve_client import PolicyClient, TokenError, read_token
 
-from policy_server.sim.metaworld_env import DEFAULT_MAX_STEPS, make_env
+from clients.sim import SimError
+from clients.sim.metaworld_env import DEFAULT_MAX_STEPS, make_env
+from clients.sim.metaworld_tasks import instruction_for
 
 
 @dataclass
@@ -64,15 +67,15 @@ class TaskResult:
 def run_task(client, task: str, n_episodes: int = 1, seed: int = 1000,
              instruction: str | None = None, skill: str | None = None,
              max_steps: int = DEFAULT_MAX_STEPS, replan_every: int | None = None) -> TaskResult:
-    """Run ``n_episodes`` of Meta-World ``task`` through ``client`` (a ``clients.client.PolicyClient``).
+    """Run ``n_episodes`` of Meta-World ``task`` through ``client`` (a
+    ``carve_client.PolicyClient``).
 
     instruction: defaults to the task's suite instruction; skill: oracle skill id (None = let the
     server's router choose); replan_every: steps executed per chunk (default: the whole chunk).
-    Episode ``i`` uses the seeded placement ``i`` of ``seed`` (see ``policy_server.sim``).
+    Episode ``i`` uses the seeded placement ``i`` of ``seed`` (see ``clients.sim.metaworld_env``).
+    Raises ``clients.sim.SimError`` for an unknown task or a missing Meta-World.
     """
     if instruction is None:
-        from policy_server.sim.suites import instruction_for
-
         instruction = instruction_for(task)
     env = make_env(task, seed=seed, max_steps=max_steps)
     result = TaskResult(task, instruction)
@@ -101,8 +104,6 @@ def run_task(client, task: str, n_episodes: int = 1, seed: int = 1000,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clients.client import PolicyClient
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--server", default="127.0.0.1:50051", help="host:port of carve serve")
     p.add_argument("--task", action="append", required=True, help="Meta-World v3 task (repeatable)")
@@ -112,14 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skill", help="oracle skill id (default: the server routes)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
     p.add_argument("--replan-every", type=int, default=None)
-    p.add_argument("--token-file", help="bearer token file for an authenticated server")
+    p.add_argument("--token-file",
+                   help="bearer token file for an authenticated server (default: env CARVE_TOKEN)")
     p.add_argument("--json", action="store_true", help="print one JSON object per task")
     args = p.parse_args(argv)
-    token = open(args.token_file).read().strip() if args.token_file else None
+    try:
+        token = read_token(args.token_file)
+    except TokenError as e:
+        p.error(str(e))
     client = PolicyClient(args.server, token=token)
     for task in args.task:
-        res = run_task(client, task, args.episodes, args.seed, args.instruction, args.skill,
-                       args.max_steps, args.replan_every)
+        try:
+            res = run_task(client, task, args.episodes, args.seed, args.instruction, args.skill,
+                           args.max_steps, args.replan_every)
+        except SimError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.json:
             print(json.dumps(res.to_dict()))
         else:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from carve_client import ChunkBlender, PolicyClient, TokenError, read_token
 
-from clients.blending import ChunkBlender
 from clients.robot_interface import (FakeRobot, Robot, camera_names, default_limits, make_so101,
                                      motor_names, uses_degrees)
 from clients.safety import SafetyConfig, SafetyFilter, SafetyStop, hold_position
@@ -52,7 +51,7 @@ _BLEND_ALIASES = {"weighted": "weighted_average", "latest": "latest_only"}
 
 
 def _make_blender(mode: str):
-    """``clients.blending.ChunkBlender`` for ``mode`` (latest_only | average | weighted_average |
+    """``carve_client.ChunkBlender`` for ``mode`` (latest_only | average | weighted_average |
     conservative; hyphens and the short forms "weighted"/"latest" accepted)."""
     mode = mode.replace("-", "_")
     return ChunkBlender(_BLEND_ALIASES.get(mode, mode))
@@ -345,14 +344,6 @@ def _parse_camera(spec: str) -> tuple[str, dict]:
     return key, {"index_or_path": index_or_path, "width": w, "height": h, "fps": fps}
 
 
-def _read_token(path: str | None) -> str | None:
-    """Bearer token from a file (kept off the command line, where ``ps`` shows it) or from the
-    ``CARVE_TOKEN`` environment variable."""
-    if path:
-        return open(path).read().strip()
-    return os.environ.get("CARVE_TOKEN") or None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.so101_client", description=__doc__.split(
         "\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -383,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-root-cert", default=None)
     p.add_argument("--timeout", type=float, default=2.0, help="per-request timeout, seconds")
     args = p.parse_args(argv)
+    try:
+        token = read_token(args.token_file)
+    except TokenError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from clients.client import PolicyClient
 
     if args.robot == "so101":
         robot: Robot = make_so101(args.port, dict(args.camera), robot_id=args.robot_id,
@@ -399,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_steps=args.max_steps, duration_s=args.duration,
                        request_timeout_s=args.timeout, encode=args.encode,
                        camera_map=dict(m.split("=", 1) for m in args.camera_map))
-    client = PolicyClient(args.server, token=_read_token(args.token_file),
+    client = PolicyClient(args.server, token=token,
                           tls_root_cert=args.tls_root_cert, timeout=args.timeout)
     runner = ArmPolicyRunner(client, robot, cfg, SafetyConfig(low, high, max_delta=args.max_delta))
     try:

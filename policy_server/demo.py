@@ -16,7 +16,7 @@ def ensure_demo_state(preset: str = "demo", rank: int = 16, force: bool = False,
                       progress: bool = True, log=print) -> dict:
     """-> {"base_dir", "state_dir", "factory"}; admits each expert once (cached by the factory
     hash and the rank). The text-router embeddings are computed at admission."""
-    from policy_server.merge.engine import admit
+    from policy_server.state.admission import admit
     from policy_server.training.train import build_factory
 
     factory = build_factory(preset, force=force, progress=progress)

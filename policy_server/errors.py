@@ -27,3 +27,18 @@ class IntegrityError(StateError):
     """A stored file does not match its recorded sha256, or a manifest is malformed."""
 
     exit_code = 4
+
+
+# Serving errors. They live here, not in the runtime, so the transport (gRPC servicer) can map
+# them to statuses without importing the torch-side runtime.
+
+class BatcherFull(RuntimeError):
+    """The micro-batcher's request queue is at ``max_queue``; retry later (RESOURCE_EXHAUSTED)."""
+
+
+class BatcherClosed(RuntimeError):
+    """A request arrived after the micro-batcher was closed (the server is shutting down)."""
+
+
+class NonFiniteActions(RuntimeError):
+    """The policy produced NaN/inf actions for some batch rows; nothing of that batch is returned."""

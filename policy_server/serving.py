@@ -1,26 +1,31 @@
-"""Assembles a serving engine from directories: backend + merge state -> runtime -> router.
+"""The composition root: backend + merge state -> runtime -> micro-batcher -> router -> engine.
 
-Shared by ``carve serve``, ``carve demo``, the benchmarks and the end-to-end tests, so they all
-serve exactly the same stack.
+Every way of serving goes through here (``carve serve``, ``carve route`` when it needs the model,
+``carve demo``, the benchmarks and the end-to-end tests), so they all run exactly the same stack:
+the base fingerprint is checked once, the core is folded once (by the runtime), placement is
+decided once (by the runtime), and a router only ever gets a lock-safe feature capture, never the
+runtime or the backend.
 """
 
 from __future__ import annotations
 
-import logging
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
+import numpy as np
 
-from policy_server.errors import InputError, StateError
-
-log = logging.getLogger("carve.serving")
+from policy_server.errors import InputError
+from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
+from policy_server.service.engine_api import PolicyEngine, RoutingPolicy
 
 
 @dataclass
 class EngineConfig:
     """How to build the policy engine. router: exact|text|vsubspace|hybrid; abstain:
-    refuse|core-only; mode: auto|fused|side (runtime residual application)."""
+    refuse|core-only; mode: auto|fused|side (runtime residual application); dtype: a name of
+    ``policy_server.dtypes.DTYPES`` (the served model dtype, cast after the core is folded);
+    allow_base_mismatch: serve a state on a base whose fingerprint differs from (or was not
+    recorded in) the state's manifest, with a warning instead of a ``StateError``."""
 
     base_dir: str
     state_dir: str | None = None
@@ -37,50 +42,127 @@ class EngineConfig:
     max_batch: int = 16
     max_wait_ms: float = 2.0
     router_options: dict = field(default_factory=dict)
+    allow_base_mismatch: bool = False
 
 
-def build_engine(cfg: EngineConfig):
-    """-> ``policy_server.service.engine_api.RuntimeEngine`` ready to serve."""
-    from policy_server.models.registry import load_backend
-    from policy_server.runtime import PolicyRuntime
-    from policy_server.service.engine_api import RoutingPolicy, RuntimeEngine
+class RuntimeEngine(PolicyEngine):
+    """The production engine: a ``PolicyRuntime`` behind a ``MicroBatcher``, plus a router.
+
+    runtime: ``policy_server.runtime.PolicyRuntime``; batcher: the ``MicroBatcher`` in front of it
+    (its captures feed the router, so routing and inference share one queue); router: any
+    ``router.base.Router``; snapshot: the ``StateSnapshot`` being served (skill metadata), or None.
+    """
+
+    def __init__(self, runtime, batcher, router, snapshot=None,
+                 routing: RoutingPolicy | None = None, backend_name: str = ""):
+        self.runtime = runtime
+        self.batcher = batcher
+        self.router = router
+        self.snapshot = snapshot
+        self.routing = routing or RoutingPolicy()
+        self.backend_name = backend_name
+        self.started = time.time()
+
+    @property
+    def spec(self) -> PolicySpec:
+        return self.runtime.spec
+
+    def skills(self) -> list[dict]:
+        if self.snapshot is None:
+            return []
+        out = []
+        for name in self.snapshot.skill_names():
+            rec = self.snapshot.skill(name)
+            out.append({"name": name, "instructions": list(rec.get("instructions", [])),
+                        "description": rec.get("description", ""),
+                        "order": int(rec.get("order", 0))})
+        return out
+
+    def route(self, instruction: str, observation: ObservationBatch | None = None):
+        return self.router.route(instruction, observation)
+
+    def infer(self, observation: ObservationBatch, skill: str | None) -> np.ndarray:
+        return np.asarray(self.batcher.submit(observation, skill).result(), dtype=np.float32)
+
+    def info(self) -> dict:
+        return {"backend": self.backend_name, "mode": self.runtime.mode,
+                "state_version": self.snapshot.version if self.snapshot is not None else "",
+                "router": getattr(self.router, "name", type(self.router).__name__)}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def open_state(cfg: EngineConfig):
+    """The configured ``StateSnapshot`` (verified unless ``cfg.verify`` is False) with its base
+    fingerprint checked against ``cfg.base_dir``; None when no state is configured."""
+    if not cfg.state_dir:
+        return None
+    from policy_server.base_check import check_base
+    from policy_server.tensors.checkpoint import open_checkpoint
     from policy_server.state.store import StateStore
+
+    snapshot = StateStore(cfg.state_dir).open(cfg.state_version, verify=cfg.verify)
+    check_base(snapshot.manifest, open_checkpoint(cfg.base_dir).fingerprint(), cfg.base_dir,
+               f"merge state {cfg.state_dir} version {snapshot.version}",
+               allow_mismatch=cfg.allow_base_mismatch)
+    return snapshot
+
+
+def make_router(cfg: EngineConfig, snapshot, capture=None):
+    """The router ``cfg.router`` for ``snapshot`` (an ``ExactRouter`` with no skills when there is
+    no state). capture: the served model's ``capture(observation, keys, skill=None)`` for the
+    observation routers, or None when no model is loaded (``carve route`` without ``--base``)."""
     from router.base import ExactRouter
     from router.factory import build_router
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        raise InputError(f"--dtype {cfg.dtype!r}: use one of {sorted(dtypes)}")
-    backend = load_backend(cfg.base_dir, device=cfg.device, dtype=dtypes[cfg.dtype])
-    snapshot = None
-    if cfg.state_dir:
-        store = StateStore(cfg.state_dir)
-        snapshot = store.open(cfg.state_version, verify=cfg.verify)
-        _check_base(snapshot, cfg.base_dir)
-    runtime = PolicyRuntime(backend, snapshot, mode=cfg.mode, device=cfg.device)
     if snapshot is None or not snapshot.skill_names():
-        router = ExactRouter({})
-    else:
-        rconf = dict(cfg.router_options)
-        rconf.update(runtime=runtime, backend=backend)
-        for k in ("router_model", "min_confidence", "min_margin"):
-            if getattr(cfg, k) is not None:
-                rconf[k] = getattr(cfg, k)
-        router = build_router(cfg.router, snapshot, rconf)
-    return RuntimeEngine(runtime, router, snapshot, RoutingPolicy(cfg.abstain),
-                         max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
-                         backend_name=type(backend).__name__)
+        return ExactRouter({})
+    rconf = dict(cfg.router_options)
+    if capture is not None:
+        rconf["capture"] = capture
+    for k in ("router_model", "min_confidence", "min_margin"):
+        if getattr(cfg, k) is not None:
+            rconf[k] = getattr(cfg, k)
+    return build_router(cfg.router, snapshot, rconf)
 
 
-def _check_base(snapshot, base_dir: str) -> None:
-    """Refuse to serve a state on a base it was not merged from (fingerprints differ)."""
-    from policy_server.merge.checkpoint import open_checkpoint
+def assemble_engine(backend: PolicyBackend, snapshot, cfg: EngineConfig) -> RuntimeEngine:
+    """Engine over an already loaded ``backend`` (as loaded: the runtime places it on
+    ``cfg.device``, folds ``snapshot``'s core, casts to ``cfg.dtype``) and a snapshot-like object
+    (or None). The seam the in-memory benchmarks use; ``build_engine`` is the directory path."""
+    from policy_server.dtypes import parse_dtype
+    from policy_server.runtime import MicroBatcher, PolicyRuntime
 
-    want = (snapshot.manifest.get("base") or {}).get("fingerprint")
-    if not want:
-        return
-    got = open_checkpoint(base_dir).fingerprint()
-    if got != want:
-        raise StateError(f"merge state {snapshot.path.parent.parent} (version {snapshot.version}) "
-                         f"was built on a different base checkpoint than {Path(base_dir)} "
-                         f"(fingerprint {got[:12]} != {want[:12]})")
+    dtype = parse_dtype(cfg.dtype, "--dtype")
+    runtime = PolicyRuntime(backend, snapshot, mode=cfg.mode, device=cfg.device, dtype=dtype)
+    batcher = MicroBatcher(runtime, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
+
+    def capture(observation, keys, skill=None):
+        # through the batcher: in order with the episodes' inference, under the runtime lock
+        return batcher.capture(observation, keys, skill).result()
+
+    try:
+        router = make_router(cfg, snapshot, capture)
+        return RuntimeEngine(runtime, batcher, router, snapshot, RoutingPolicy(cfg.abstain),
+                             backend_name=type(backend).__name__)
+    except BaseException:
+        batcher.close()
+        raise
+
+
+def build_engine(cfg: EngineConfig) -> RuntimeEngine:
+    """-> a ``RuntimeEngine`` ready to serve ``cfg.base_dir`` + ``cfg.state_dir``.
+
+    The backend is loaded in float32 on the CPU; the runtime alone moves it to ``cfg.device`` and
+    casts it to ``cfg.dtype`` after folding the core (one rounding, one owner of placement).
+    ``InputError`` for a bad option, ``StateError`` for a state that does not fit the base."""
+    from policy_server.dtypes import parse_dtype
+    from policy_server.models.registry import load_backend
+
+    parse_dtype(cfg.dtype, "--dtype")  # fail on a bad name before anything heavy is loaded
+    if not cfg.base_dir:
+        raise InputError("--base: the base model directory is required")
+    snapshot = open_state(cfg)
+    backend = load_backend(cfg.base_dir)
+    return assemble_engine(backend, snapshot, cfg)

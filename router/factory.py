@@ -6,12 +6,13 @@ config (a dict; every key optional):
   embedder          an ``Embedder`` to use (else the process-wide ``shared_embedder(router_model)``)
   router_model      local sentence-transformers directory (default: packaged all-MiniLM-L6-v2)
   min_confidence, min_margin, temperature, prototype_weight, null_score   text router options
-  feature_fn        observation -> (T, in) hidden states entering the value projection; or
-  backend           a ``PolicyBackend`` (its ``predict`` is run, base weights as loaded), or
-  runtime           a ``PolicyRuntime`` (``runtime.backend.module`` is hooked, forward with
-                    ``runtime.infer(obs, [None])``: base + core)
-  vsubspace_per_skill  with a runtime: score each skill on hidden states computed with its own
+  capture           ``capture(observation, keys, skill=None) -> {key: float32 (N, in)}``: the
+                    served model's lock-safe feature capture (the composition root passes the
+                    runtime's, through the micro-batcher); or
+  feature_fn        observation -> (T, in) hidden states entering the value projection
+  vsubspace_per_skill  with a capture: score each skill on hidden states computed with its own
                     residuals (exact MergeVLA rule, one forward per skill) instead of base + core
+Routers never get the runtime or the backend ('runtime'/'backend' keys are refused).
   vsubspace_key     which stored value projection to use (exact or glob) when several
   vsubspace_temperature, vsubspace_min_confidence, vsubspace_min_margin
   observation       hybrid's observation scorer: "vsubspace" | "prototypes" | "auto" (default:
@@ -58,42 +59,31 @@ def _text(snapshot, config: dict, **override):
     return TextRouter.from_snapshot(snapshot, get_embedder(config), **opts)
 
 
-def _feature_fn(config: dict, key: str):
-    from router.vsubspace import module_feature_fn
-
-    if config.get("feature_fn") is not None:
-        return config["feature_fn"]
-    if config.get("runtime") is not None:
-        rt = config["runtime"]
-        return module_feature_fn(rt.backend.module, key, lambda obs: rt.infer(obs, [None]))
-    if config.get("backend") is not None:
-        be = config["backend"]
-        return module_feature_fn(be.module, key, be.predict)
-    return None
-
-
 def _vsubspace(snapshot, config: dict):
-    from router.vsubspace import VSubspaceRouter
+    from router.vsubspace import VSubspaceRouter, capture_feature_fn
 
     opts = {k.removeprefix("vsubspace_"): config[k]
             for k in ("vsubspace_temperature", "vsubspace_min_confidence", "vsubspace_min_margin")
             if config.get(k) is not None}
-    per_skill = bool(config.get("vsubspace_per_skill")) and config.get("runtime") is not None
+    capture = config.get("capture")
+    per_skill = bool(config.get("vsubspace_per_skill")) and capture is not None
     r = VSubspaceRouter.from_snapshot(snapshot, None, key=config.get("vsubspace_key"),
                                       per_skill=per_skill, **opts)
-    # the feature function needs the stored key to know which projection to hook
-    if per_skill:
-        from router.vsubspace import runtime_skill_feature_fn
-
-        r.feature_fn = runtime_skill_feature_fn(config["runtime"], r.key)
+    # the feature function needs the stored key to know which projection to capture
+    if capture is not None:
+        r.feature_fn = capture_feature_fn(capture, r.key, per_skill)
     else:
-        r.feature_fn = _feature_fn(config, r.key)
+        r.feature_fn = config.get("feature_fn")
     return r
 
 
 def build_router(kind: str, snapshot, config: dict | None = None) -> Router:
     """Construct the router ``kind`` for a merge-state snapshot (see the module docstring)."""
     config = config if config is not None else {}
+    stale = sorted(k for k in ("runtime", "backend") if config.get(k) is not None)
+    if stale:
+        raise InputError(f"router config {stale}: routers never get the runtime or the backend; "
+                         f"pass 'capture' (the runtime's lock-safe feature capture) instead")
     kind = (kind or "text").lower()
     if kind == "exact":
         return ExactRouter(_skill_instructions(snapshot))
@@ -102,9 +92,8 @@ def build_router(kind: str, snapshot, config: dict | None = None) -> Router:
     if kind == "vsubspace":
         r = _vsubspace(snapshot, config)
         if r.feature_fn is None:
-            raise InputError("the vsubspace router needs the served model (config 'backend', "
-                             "'runtime' or 'feature_fn'): it scores the first observation's hidden "
-                             "states")
+            raise InputError("the vsubspace router needs the served model (config 'capture' or "
+                             "'feature_fn'): it scores the first observation's hidden states")
         return r
     if kind == "hybrid":
         from router.hybrid import DEFAULTS, HybridRouter, ObservationPrototypeScorer
@@ -123,7 +112,7 @@ def build_router(kind: str, snapshot, config: dict | None = None) -> Router:
             if scorer is not None and scorer.feature_fn is None:
                 if which == "vsubspace":
                     raise InputError("hybrid router with observation='vsubspace' needs the served "
-                                     "model (config 'backend', 'runtime' or 'feature_fn')")
+                                     "model (config 'capture' or 'feature_fn')")
                 scorer = None
         if scorer is None:
             opts = {"temperature": config["obs_temperature"]} if config.get("obs_temperature") \

@@ -1,7 +1,8 @@
 """Value-subspace router (MergeVLA, DESIGN.md 3.3): route by the first observation, no text needed.
 
-Requires a backend whose action expert has value projections (``PolicyBackend.value_projection_names()``
-non-empty, e.g. the demo VLA's ``action_expert.{blocks.i,head}.cross_attn.v_proj.weight``).
+Requires a model whose action expert has value projections (its ``RoutingFeatures``, see
+``policy_server.models.features``, lists them, e.g. the demo VLA's
+``action_expert.{blocks.i,head}.cross_attn.v_proj.weight``).
 
 At admission (the expert is discarded afterwards, so this is the only chance) ``VSubspaceHook`` keeps,
 for one chosen value projection ``W_v`` (out, in) of the *expert* (base + tau), the top-k (default 8)
@@ -10,9 +11,9 @@ projection responds to most. They are stored with the skill as ``value_subspace:
 singular values ``value_subspace_s::<key>``), the artifact layout of
 ``policy_server.merge.hooks.ValueSubspaceHook``, which this hook extends.
 
-At episode start, ``VSubspaceRouter`` captures the hidden states X (T, in) entering that value
-projection for the first observation (a forward pre-hook on the projection's ``nn.Linear``) and
-scores every skill by the mean relative projection norm
+At episode start, ``VSubspaceRouter`` gets the hidden states X (T, in) entering that value
+projection for the first observation from its feature function and scores every skill by the mean
+relative projection norm
 
     score_s = mean_t ||V_s x_t|| / ||x_t||        in [0, 1]
 
@@ -27,7 +28,13 @@ the hidden states entering the chosen block differ between skills only through t
 *earlier* layers, which CARVE keeps small (the shared part lives in the core); choosing the first
 action-expert block's value projection makes it exact for layers upstream of that block that no
 residual touches. Pass ``per_skill=True`` with a ``feature_fn(observation, skill)`` that runs the
-runtime with that skill active to get the exact MergeVLA rule at S forwards per episode.
+model with that skill active to get the exact MergeVLA rule at S forwards per episode.
+
+The router never sees the runtime or the backend. A served model's features come from a *capture*
+callable ``capture(observation, keys, skill=None) -> {key: float32 (N, in)}`` (the runtime's
+lock-safe ``PolicyRuntime.capture``, through the micro-batcher), which ``capture_feature_fn`` turns
+into a feature function; ``module_feature_fn`` does the same for a standalone module that nothing
+else runs concurrently (offline tools, tests).
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from policy_server.errors import InputError, StateError
 from policy_server.merge.hooks import ValueSubspaceHook
+from policy_server.runtime.capture import InputCapture
 from router.base import RouteDecision, Router
 
 log = logging.getLogger(__name__)
@@ -53,8 +61,8 @@ DEFAULTS = {"temperature": 0.05, "min_confidence": 0.0, "min_margin": 0.0}
 class VSubspaceHook(ValueSubspaceHook):
     """Admission hook keeping the top-k right singular vectors of ONE value projection.
 
-    key: an exact weight key or a glob (every match is kept); default: the backend's last value
-    projection (``value_projection_names()[-1]``: the expert head's, the most skill-specific).
+    key: an exact weight key or a glob (every match is kept); default: the model's last value
+    projection (``value_projection_names[-1]``: the expert head's, the most skill-specific).
     Artifacts: ``value_subspace::<key>`` float32 (k, in), ``value_subspace_s::<key>`` float32 (k,).
     """
 
@@ -65,15 +73,17 @@ class VSubspaceHook(ValueSubspaceHook):
         if key is None:
             if not value_projection_names:
                 raise InputError("value-subspace routing needs an action expert with value "
-                                 "projections: pass key= (a weight name or glob) or a backend "
-                                 "whose value_projection_names() is not empty")
+                                 "projections: pass key= (a weight name or glob) or a model "
+                                 "whose routing features list value projections")
             key = list(value_projection_names)[-1]
         super().__init__(patterns=(key,), k=k)
         self.key = key
 
     @classmethod
-    def for_backend(cls, backend, key: str | None = None, k: int = 8) -> "VSubspaceHook":
-        return cls(key, k, backend.value_projection_names())
+    def from_features(cls, features, key: str | None = None, k: int = 8) -> "VSubspaceHook":
+        """Hook for a model described by ``features`` (a ``RoutingFeatures``, e.g.
+        ``backend.routing_features``)."""
+        return cls(key, k, features.value_projections)
 
 
 def bases_from_artifacts(artifacts: dict[str, torch.Tensor], key: str | None = None
@@ -93,56 +103,37 @@ def bases_from_artifacts(artifacts: dict[str, torch.Tensor], key: str | None = N
     return k, v.to(torch.float32)
 
 
-class ValueInputCapture:
-    """Context manager capturing the input of the ``nn.Linear`` owning ``weight_key`` during a
-    forward: ``.inputs`` float32 (N, in), every token of every batch row flattened."""
+Capture = Callable[..., Mapping[str, torch.Tensor]]
+"""capture(observation, keys, skill=None) -> {key: float32 (N, in)}: the inputs of the modules
+owning ``keys`` while ``observation`` runs with ``skill`` (None = base + core)."""
 
-    def __init__(self, model: nn.Module, weight_key: str):
-        mod_name = weight_key[:-len(".weight")] if weight_key.endswith(".weight") else weight_key
-        try:
-            self.module = model.get_submodule(mod_name)
-        except AttributeError as e:
-            raise InputError(f"the model has no module {mod_name!r} (from value projection "
-                             f"{weight_key!r})") from e
-        self.inputs: torch.Tensor | None = None
-        self._handle = None
 
-    def _hook(self, _mod, args):
-        x = args[0].detach()
-        self.inputs = x.reshape(-1, x.shape[-1]).to(torch.float32).clone()
+def capture_feature_fn(capture: Capture, weight_key: str, per_skill: bool = False
+                       ) -> Callable[..., torch.Tensor]:
+    """The router's feature function over a capture callable: ``fn(observation)`` -> float32
+    (T, in) entering ``weight_key`` with base + core, or with ``per_skill`` ``fn(observation,
+    skill)`` with that skill's residuals (the exact MergeVLA rule, one forward per skill)."""
+    if per_skill:
+        def fn_skill(observation, skill: str) -> torch.Tensor:
+            return capture(observation, [weight_key], skill)[weight_key]
+        return fn_skill
 
-    def __enter__(self) -> "ValueInputCapture":
-        self._handle = self.module.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
+    def fn(observation) -> torch.Tensor:
+        return capture(observation, [weight_key], None)[weight_key]
+    return fn
 
 
 def module_feature_fn(model: nn.Module, weight_key: str, forward: Callable[[object], object]
                       ) -> Callable[[object], torch.Tensor]:
-    """feature_fn(observation) -> float32 (T, in): runs ``forward(observation)`` (e.g.
-    ``backend.predict`` or ``lambda o: runtime.infer(o, [None])``) and returns what entered the value
-    projection ``weight_key`` of ``model``."""
+    """feature_fn(observation) -> float32 (T, in): runs ``forward(observation)`` (e.g. a
+    standalone ``backend.predict``) and returns what entered the module owning ``weight_key``.
+    Not safe when other threads run ``model`` meanwhile: for a served model use the runtime's
+    ``capture`` through ``capture_feature_fn``."""
 
     def fn(observation) -> torch.Tensor:
-        with ValueInputCapture(model, weight_key) as cap, torch.no_grad():
+        with InputCapture(model, [weight_key]) as cap, torch.no_grad():
             forward(observation)
-        if cap.inputs is None:
-            raise StateError(f"value projection {weight_key!r} was not called by the forward pass")
-        return cap.inputs
-
-    return fn
-
-
-def runtime_skill_feature_fn(runtime, weight_key: str) -> Callable[[object, str], torch.Tensor]:
-    """feature_fn(observation, skill) for ``per_skill=True``: the hidden states entering the value
-    projection when ``runtime.infer`` runs the observation *with that skill's residuals* (the exact
-    MergeVLA rule, one forward per skill)."""
-
-    def fn(observation, skill: str) -> torch.Tensor:
-        return module_feature_fn(runtime.backend.module, weight_key,
-                                 lambda obs: runtime.infer(obs, [skill]))(observation)
+        return cap.result()[weight_key]
 
     return fn
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Regenerates the checked-in gRPC code from protos/ (never edit policy_server/service/gen by hand).
-# Usage: scripts/gen_protos.sh [OUT_DIR]   (default: policy_server/service/gen)
+# Regenerates the checked-in gRPC code from protos/ into the client package, where both the server
+# and the clients import it from (never edit clients/carve_client/carve_client/proto by hand).
+# Usage: scripts/gen_protos.sh [OUT_DIR]   (default: clients/carve_client/carve_client/proto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-policy_server/service/gen}
+OUT=${1:-clients/carve_client/carve_client/proto}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 "$PY" -m grpc_tools.protoc -Iprotos --python_out="$OUT" --grpc_python_out="$OUT" --pyi_out="$OUT" \

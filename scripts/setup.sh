@@ -24,6 +24,10 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
   "$VPY" -m pip install -q torch==2.13.0 2>&1 | (grep -v "is ignored: it is neither" || true)
 fi
+# The torch-free client package (stubs, codec, client) that the server imports too. It is not on
+# PyPI, so it goes in first, from the repository, and pyproject.toml does not list it.
+echo "[setup] installing the client package (clients/carve_client)"
+"$VPY" -m pip install -q -e clients/carve_client 2>&1 | (grep -v "is ignored: it is neither" || true)
 echo "[setup] installing carve-serve and its dependencies"
 "$VPY" -m pip install -q -e ".[dev,sim]" 2>&1 | (grep -v "is ignored: it is neither" || true)
 # LIBERO for clients/libero_client.py: its packages declare opencv-python<5, which would shadow the
@@ -34,4 +38,4 @@ if ! "$VPY" -c "import libero.libero" >/dev/null 2>&1; then
   "$VPY" -m pip install -q -r requirements-libero.txt 2>&1 | (grep -v "is ignored: it is neither" || true)
   "$VPY" -c "import libero.libero" </dev/null
 fi
-"$VPY" -c "import torch, policy_server; print('[setup] ok: torch', torch.__version__)"
+"$VPY" -c "import torch, policy_server, carve_client; print('[setup] ok: torch', torch.__version__)"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from policy_server.merge.engine import admit
+from policy_server.state.admission import admit
 from policy_server.models.demo_vla import DemoVLABackend, DemoVLAConfig
 
 SKILLS = {

@@ -146,3 +146,48 @@ def test_merge_cli(tmp_path, capsys):
     rc, out, err = carve_inproc(capsys, "merge", "--method", "ta", "--base", bdir, "--expert",
                                 edirs[0], "--skill", "a", "--skill", "b", "--out", tmp_path / "y")
     assert rc == 2 and "one --skill per --expert" in err
+
+
+def test_allow_base_mismatch_flags(tmp_path, capsys, caplog):
+    """admit and state export refuse a base the state did not record (exit 3, one line naming
+    the flag); --allow-base-mismatch goes on with a warning."""
+    bdir, edirs, base, experts = make_family(tmp_path, n=2)
+    other = write_checkpoint(tmp_path / "otherbase", {k: v + 1 if v.is_floating_point() else v
+                                                      for k, v in base.items()})
+    state = tmp_path / "state"
+    rc, _, err = carve_inproc(capsys, "admit", state, "--base", bdir, "--expert", edirs[0],
+                              "--skill", "a", "--rank", "4", "--no-progress", "--no-embed")
+    assert rc == 0, err
+    before = tree_digest(state)
+    admit_b = ["admit", state, "--base", other, "--expert", edirs[1], "--skill", "b",
+               "--no-progress", "--no-embed"]
+    rc, _, err = carve_inproc(capsys, *admit_b)
+    assert rc == 3 and "--allow-base-mismatch" in err and "fingerprint" in err
+    assert len(err.strip().splitlines()) == 1
+    assert tree_digest(state) == before
+    with caplog.at_level("WARNING", logger="carve.base_check"):
+        rc, _, err = carve_inproc(capsys, *admit_b, "--allow-base-mismatch")
+    assert rc == 0, err
+    assert any("allow-base-mismatch" in r.getMessage() for r in caplog.records)
+    assert StateStore(state).open().skill_names() == ["a", "b"]
+
+    export = ["state", "export", state, "--skill", "a", "--base", other, "--no-progress"]
+    rc, _, err = carve_inproc(capsys, *export, "--out", tmp_path / "x1")
+    assert rc == 3 and "--allow-base-mismatch" in err and not (tmp_path / "x1").exists()
+    rc, _, err = carve_inproc(capsys, *export, "--out", tmp_path / "x2", "--allow-base-mismatch")
+    assert rc == 0, err
+    assert (tmp_path / "x2" / "model.safetensors").is_file()
+
+
+def test_shared_option_help_names_each_methods_default(capsys):
+    """--mean-patterns belongs to resmerge (default: a keyword list) and tsv (default: empty);
+    the help must not state resmerge's default for both."""
+    from policy_server.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["admit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.rindex("--mean-patterns GLOB [GLOB ...]")  # the option list, not the usage
+    help_ = text[start:text.index("--merge-func", start)]
+    assert "[resmerge]" in help_ and "[tsv]" in help_ and "[resmerge, tsv]" not in help_
+    assert help_.count("default: the reference's keyword list") == 1

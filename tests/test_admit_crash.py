@@ -16,7 +16,7 @@ import torch
 from ckpt_utils import write_checkpoint  # noqa: E402
 from test_engine import tree_digest  # noqa: E402
 
-from policy_server.merge import engine  # noqa: E402
+from policy_server.state.admission import admit  # noqa: E402
 from policy_server.state.store import StateStore  # noqa: E402
 
 # `carve` without relying on the console script being on PATH
@@ -94,10 +94,11 @@ def _check_survived(state, pristine, v1, before, cmd_tail):
     assert sorted(snap.skill_names()) == ["a", "b"] and snap.version != v1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_admission_keeps_previous_version(tmp_path):
     bdir, (e0, e1) = _family(tmp_path)
     pristine = tmp_path / "state0"
-    v1 = engine.admit(pristine, bdir, e0, "a", options={"rank": 8, "svd": "randomized"},
+    v1 = admit(pristine, bdir, e0, "a", options={"rank": 8, "svd": "randomized"},
                       progress=False)["version"]
     cmd_tail = ["--base", str(bdir), "--expert", str(e1), "--skill", "b", "--no-progress"]
     env0 = {k: v for k, v in os.environ.items() if not k.startswith("CARVE_TEST_PAUSE")}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from policy_server.errors import InputError, StateError
-from policy_server.merge.entries import Dense, Masked, skill_delta
+from policy_server.tensors.entries import Dense, Masked, skill_delta
 from policy_server.merge.methods import (
     METHODS,
     TensorContext,

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from test_runtime import ToyBackend, make_batch, make_snapshot
 
 from policy_server.errors import InputError, StateError
@@ -101,3 +102,59 @@ def test_bounded_queue_and_close_drains():
     mb.close(timeout=30)
     assert all(f.done() and f.exception() is None for f in [first, *queued])
     assert sum(rt.calls) == 4 and max(rt.calls) <= 2
+
+
+class OrderRuntime(GatedRuntime):
+    """Gated stand-in that also records captures, to check the worker's ordering."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list = []
+
+    def infer(self, batch, skills):
+        out = super().infer(batch, skills)
+        self.log.append(("infer", len(batch)))
+        return out
+
+    def capture(self, batch, keys, skill=None):
+        self.log.append(("capture", tuple(keys), skill))
+        return {k: np.zeros((len(batch), 2), np.float32) for k in keys}
+
+
+def test_captures_are_served_alone_and_in_submission_order():
+    rt = OrderRuntime()
+    b = make_batch(1)
+    mb = MicroBatcher(rt, max_batch=8, max_wait_ms=200.0)
+    first = mb.submit(b, None)
+    deadline = time.monotonic() + 10
+    while not first.running() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    before = [mb.submit(b, None) for _ in range(2)]
+    cap = mb.capture(b, ["v.weight"], "pick")
+    after = mb.submit(b, None)
+    rt.gate.set()
+    assert set(cap.result(30)) == {"v.weight"}
+    for f in [first, *before, after]:
+        f.result(30)
+    mb.close(timeout=30)
+    # the capture ends the batch it would have joined: nothing queued after it runs before it
+    assert rt.log == [("infer", 1), ("infer", 2), ("capture", ("v.weight",), "pick"),
+                      ("infer", 1)]
+    with pytest.raises(BatcherClosed):
+        mb.capture(b, ["v.weight"])
+
+
+def test_capture_through_the_batcher_equals_the_runtime_capture():
+    snap, b = make_snapshot(), make_batch(1, seed=3)
+    rt = PolicyRuntime(ToyBackend(), snap, mode="auto")
+    want = PolicyRuntime(ToyBackend(), snap, mode="auto").capture(b, ["v.weight"], "place")
+    with MicroBatcher(rt, max_batch=4, max_wait_ms=1.0) as mb:
+        with pytest.raises(StateError, match="unknown skill"):
+            mb.capture(b, ["v.weight"], "fly")
+        futs = [mb.submit(b, s) for s in ("pick", "push")]
+        got = mb.capture(b, ["v.weight"], "place").result(30)
+        for f in futs:
+            f.result(30)
+        with pytest.raises(InputError, match="no module"):
+            mb.capture(b, ["nope"]).result(30)
+    assert torch.equal(got["v.weight"], want["v.weight"])

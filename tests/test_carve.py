@@ -7,8 +7,8 @@ import torch
 from ckpt_utils import write_checkpoint, write_lora_adapter
 
 from policy_server.errors import InputError
-from policy_server.merge.checkpoint import open_checkpoint
-from policy_server.merge.entries import Dense, LowRank, skill_delta
+from policy_server.tensors.checkpoint import open_checkpoint
+from policy_server.tensors.entries import Dense, LowRank, skill_delta
 from policy_server.merge.lowrank import truncated_svd
 from policy_server.merge.methods import TensorContext, TensorState, build_options, get_method
 from policy_server.merge.methods.carve import CarveMethod, CarveOptions
@@ -44,7 +44,7 @@ def reference_stream(taus, rate, zero_core, residual):
 
 
 def _run(method, taus, ctx, names=None):
-    """Drive admit_tensor like the engine does: carry core/aux/residuals, apply `updated`."""
+    """A plain-loop reference of the admission stream: carry core/aux/residuals, apply `updated`."""
     core, aux, entries, results = None, {}, {}, []
     for t, tau in enumerate(taus, 1):
         name = names[t - 1] if names else f"s{t}"
@@ -197,7 +197,7 @@ def test_lora_adapter_admits_like_equivalent_dense_expert(tmp_path):
     for key in base.keys():
         ctx = TensorContext(key, base.shape(key), dense=len(base.shape(key)) == 1)
 
-        def tv(ex, k=key):  # the engine's rule: an untouched tensor has a zero task vector
+        def tv(ex, k=key):  # the stream's rule: an untouched tensor has a zero task vector
             tau = ex.task_vector(k)
             return torch.zeros(base.shape(k)) if tau is None else tau
 

@@ -8,7 +8,7 @@ import torch
 from ckpt_utils import write_checkpoint
 
 from policy_server.errors import InputError
-from policy_server.merge.checkpoint import open_checkpoint, save_checkpoint
+from policy_server.tensors.checkpoint import open_checkpoint, save_checkpoint
 from policy_server.merge.task_vectors import iter_task_vectors, open_expert
 
 

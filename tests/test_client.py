@@ -11,13 +11,13 @@ import time
 import grpc
 import numpy as np
 import pytest
+from carve_client import (AsyncPolicyClient, ChunkBlender, ImageSpec, PolicyClient, PolicyError,
+                          PolicySpec, RouteDecision)
 
-from clients.blending import ChunkBlender
-from clients.client import AsyncPolicyClient, PolicyClient, PolicyError
-from policy_server.models.base import ImageSpec, ObservationBatch, PolicySpec
+from policy_server.models.base import ObservationBatch
+from policy_server.action_guard import ActionGuard
 from policy_server.service.engine_api import PolicyEngine, RoutingPolicy
 from policy_server.service.server import PolicyServer, ServerConfig
-from router.base import RouteDecision
 
 STATE_DIM, A, T = 6, 3, 4
 
@@ -54,6 +54,10 @@ class NumpyLinearEngine(PolicyEngine):
                              reason="no exact match", router="exact")
 
     def infer(self, observation: ObservationBatch, skill):
+        # an engine hands out guarded actions: the servicer does not clip or check them again
+        return ActionGuard(self._spec)(self._raw(observation, skill)[None], [skill])[0]
+
+    def _raw(self, observation: ObservationBatch, skill):
         if self.nan_skill is not None and skill == self.nan_skill:
             return np.full((T, A), np.nan, np.float32)
         base = self.W[skill] @ observation.state[0]
@@ -210,3 +214,97 @@ def test_blending_never_rewrites_executed_steps():
         b.add(5, np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="mode"):
         ChunkBlender("median")
+
+
+# ---------------------------------------------------------------- deadlines on the episode stream
+class StallingEngine(NumpyLinearEngine):
+    """Sleeps ``stall_s`` in every inference (and in routing when ``stall_route``): a server that
+    stalls mid-episode."""
+
+    def __init__(self, stall_s: float, stall_route: bool = False):
+        super().__init__()
+        self.stall_s, self.stall_route = stall_s, stall_route
+
+    def route(self, instruction, observation=None) -> RouteDecision:
+        if self.stall_route:
+            time.sleep(self.stall_s)
+        return super().route(instruction, observation)
+
+    def infer(self, observation: ObservationBatch, skill):
+        time.sleep(self.stall_s)
+        return super().infer(observation, skill)
+
+
+@pytest.fixture
+def stalling_server():
+    servers = []
+
+    def start(engine):
+        server, port = _start(engine)
+        servers.append(server)
+        return port
+
+    yield start
+    for s in servers:
+        s.stop(0)
+
+
+OBS = (np.zeros(STATE_DIM, np.float32), {"cam": np.zeros((8, 8, 3), np.uint8)})
+
+
+def test_stalled_infer_raises_deadline_exceeded_within_timeout(stalling_server):
+    port = stalling_server(StallingEngine(stall_s=5.0))
+    with PolicyClient(f"127.0.0.1:{port}", retries=0, timeout=0.5) as c:
+        c.wait_ready(10)
+        with pytest.raises(PolicyError) as ei:
+            with c.episode("pick the cube") as ep:
+                t0 = time.monotonic()
+                ep.infer(*OBS)
+        waited = time.monotonic() - t0
+    assert ei.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, ei.value
+    assert 0.4 <= waited < 2.0, waited
+    with pytest.raises(PolicyError) as closed:
+        ep.infer(*OBS)  # a deadline miss closes the episode: a late chunk has no observation
+    assert closed.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_stalled_episode_start_raises_deadline_exceeded(stalling_server):
+    port = stalling_server(StallingEngine(stall_s=5.0, stall_route=True))
+    with PolicyClient(f"127.0.0.1:{port}", retries=0, timeout=0.5) as c:
+        c.wait_ready(10)
+        t0 = time.monotonic()
+        with pytest.raises(PolicyError) as ei:
+            c.episode("pick the cube")
+        assert time.monotonic() - t0 < 2.0
+    assert ei.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_timeout_bounds_each_call_not_the_whole_episode(stalling_server):
+    # 8 answers of 0.1 s each outlast the 0.5 s timeout together but never one at a time.
+    port = stalling_server(StallingEngine(stall_s=0.1))
+    with PolicyClient(f"127.0.0.1:{port}", retries=0, timeout=0.5) as c:
+        c.wait_ready(10)
+        t0 = time.monotonic()
+        with c.episode("pick the cube") as ep:
+            outs = [ep.infer(*OBS) for _ in range(8)]
+        assert time.monotonic() - t0 > 0.5
+    assert all(o.shape == (T, A) for o in outs)
+
+
+def test_async_stalled_infer_raises_deadline_exceeded(stalling_server):
+    port = stalling_server(StallingEngine(stall_s=5.0))
+
+    async def go():
+        async with AsyncPolicyClient(f"127.0.0.1:{port}", retries=0, timeout=0.5) as c:
+            await c.wait_ready(10)
+            async with c.episode("pick the cube") as ep:
+                t0 = time.monotonic()
+                try:
+                    await ep.infer(*OBS)
+                except PolicyError as e:
+                    return e, time.monotonic() - t0
+        return None, 0.0
+
+    err, waited = asyncio.run(go())
+    assert err is not None and err.code == grpc.StatusCode.DEADLINE_EXCEEDED, err
+    assert 0.4 <= waited < 2.0, waited

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from policy_server.merge.entries import Dense, LowRank, Masked
+from policy_server.tensors.entries import Dense, LowRank, Masked
 from policy_server.state.store import StateStore
 
 # 3 x (384 x 512) float32 core = 2.25 MiB plus ~1 MiB of residuals per version: writes and fsyncs
@@ -169,6 +169,7 @@ def test_sigkill_at_stage_keeps_previous_version(tmp_path, stage, skip):
     assert check_consistent(state) == 3
 
 
+@pytest.mark.slow
 def test_sigkill_at_arbitrary_points_of_a_commit_loop(tmp_path):
     """A writer commits in a loop; it is killed after fixed delays wherever it is. After every
     kill the current version is complete and matches the history, and the next writer proceeds."""

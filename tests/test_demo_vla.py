@@ -66,9 +66,10 @@ def test_save_load_round_trip_identical(tmp_path):
     assert not any("mean" in k or "std" in k for k in loaded.module.state_dict())
 
 
-def test_value_projection_names_are_real_parameters():
+def test_value_projections_are_real_parameters():
     be = DemoVLABackend(DemoVLAConfig(num_expert_blocks=3))
-    names = be.value_projection_names()
+    names = be.routing_features.value_projections
+    assert be.routing_features.default_value_projection() == names[-1]
     params = dict(be.module.named_parameters())
     assert len(names) == 4 and names[-1] == "action_expert.head.cross_attn.v_proj.weight"
     for n in names:
@@ -159,3 +160,17 @@ def test_custom_backend_registration(tmp_path):
     register_backend("fake_for_test", Fake)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "fake_for_test"}))
     assert isinstance(load_backend(tmp_path), Fake)
+
+
+def test_to_moves_and_casts_and_updates_input_placement():
+    """The backend owns its placement: ``to`` casts the module and the inputs follow."""
+    be = DemoVLABackend(DemoVLAConfig(cameras={}))
+    assert be.to(dtype=torch.bfloat16) is be
+    assert be.dtype == torch.bfloat16 and be.device == torch.device("cpu")
+    assert {p.dtype for p in be.module.parameters()} == {torch.bfloat16}
+    st = np.zeros((2, be.spec.state_dim), np.float32)
+    assert be.normalize_state(st).dtype == torch.bfloat16
+    out = be.predict(ObservationBatch(state=st, instructions=["a", "b"]))
+    assert out.shape == (2, be.spec.chunk_length, be.spec.action_dim) and out.dtype == torch.float32
+    be.to("cpu", torch.float32)
+    assert be.dtype == torch.float32 and {p.dtype for p in be.module.parameters()} == {torch.float32}

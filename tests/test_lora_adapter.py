@@ -8,7 +8,7 @@ from ckpt_utils import write_checkpoint, write_lora_adapter
 from torch import nn
 
 from policy_server.errors import InputError
-from policy_server.merge.checkpoint import open_checkpoint
+from policy_server.tensors.checkpoint import open_checkpoint
 from policy_server.merge.task_vectors import iter_task_vectors, open_expert
 
 Q = "model.layers.0.self_attn.q_proj"

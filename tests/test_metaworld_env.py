@@ -79,3 +79,10 @@ def test_suites_disjoint_and_documented():
     assert seen == set(INSTRUCTIONS)
     assert len(set(INSTRUCTIONS.values())) == len(INSTRUCTIONS)  # one distinct instruction per task
     assert 2 <= len(PRESETS["demo"].suites) <= 3 and len(PRESETS["bench"].suites) >= 4
+
+
+def test_metaworld_client_cli_rejects_an_unknown_task(capsys):
+    from clients import metaworld_client
+
+    assert metaworld_client.main(["--server", "127.0.0.1:1", "--task", "not-a-task-v3"]) == 2
+    assert "no instruction for task 'not-a-task-v3'" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GEN = ROOT / "policy_server/service/gen/carve/policy/v1"
+GEN = ROOT / "clients/carve_client/carve_client/proto/carve/policy/v1"
 
 
 def test_generated_code_matches_proto(tmp_path):

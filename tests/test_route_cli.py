@@ -158,7 +158,8 @@ def test_cli_equals_api_on_real_store(capsys, embedder, tmp_path):
 
 
 def test_cli_hybrid_with_image_and_state_equals_api(capsys, monkeypatch, embedder, tmp_path):
-    """--image/--state build the same first observation the API gets: same hybrid decision."""
+    """--image/--obs-state build the same first observation the API gets: same hybrid decision;
+    the deprecated --state spelling still works and warns."""
     import cv2
     import numpy as np
 
@@ -183,9 +184,82 @@ def test_cli_hybrid_with_image_and_state_equals_api(capsys, monkeypatch, embedde
     cv2.imwrite(str(png), cv2.cvtColor(obs.images["agentview"][0], cv2.COLOR_RGB2BGR))
     capsys.readouterr()
     rc = main(["route", str(tmp_path), "put the bowl on the plate", "--router", "hybrid",
-               "--image", f"agentview={png}", "--state=-1,-1,-1,-1", "--json"])
+               "--image", f"agentview={png}", "--obs-state=-1,-1,-1,-1", "--json"])
     assert rc == 0
-    line = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    line = json.loads(out.out)
+    assert "deprecated" not in out.err
     d = build_router("hybrid", snap, {"embedder": embedder}).route("put the bowl on the plate", obs)
     assert line["skill"] == d.skill == "cabinet_scene"
     assert line["confidence"] == d.confidence and line["reason"] == d.reason
+
+    rc = main(["route", str(tmp_path), "put the bowl on the plate", "--router", "hybrid",
+               "--image", f"agentview={png}", "--state=-1,-1,-1,-1", "--json"])
+    assert rc == 0
+    old = capsys.readouterr()
+    assert json.loads(old.out) == line
+    assert "--state is deprecated; use --obs-state" in old.err
+
+
+def test_cli_version_alias_warns(capsys, embedder, fake_store, tmp_path):
+    new = _cli_json(capsys, tmp_path, "--version", "v000001")
+    capsys.readouterr()
+    assert main(["route", str(tmp_path), *QUERIES, "--json", "--version-id", "v000001"]) == 0
+    old = capsys.readouterr()
+    assert [json.loads(x) for x in old.out.splitlines() if x.strip()] == new
+    assert "--version-id is deprecated; use --version" in old.err
+    _assert_same(new, build_router("text", fake_store, {"embedder": embedder}))
+
+
+@pytest.fixture(scope="module")
+def vsubspace_stack(tmp_path_factory):
+    """A real demo-VLA merge state admitted with the value-subspace hook, and a second base."""
+    from policy_server.models.demo_vla import DemoVLABackend, DemoVLAConfig
+    from router.vsubspace import VSubspaceHook
+    from serving_utils import make_stack
+
+    root = tmp_path_factory.mktemp("route-vs")
+    features = DemoVLABackend(DemoVLAConfig()).routing_features
+    stack = make_stack(root, hooks_for=lambda name, instr: [VSubspaceHook.from_features(features)])
+    other = make_stack(root / "other", skills={"x": ["do x"]}, seed=5)["base"]
+    return stack, other
+
+
+def test_cli_vsubspace_with_base_equals_served_engine(capsys, vsubspace_stack):
+    """--base builds the model through the composition root: the decision is the served engine's
+    (base + core, as carve serve runs it); --model is the deprecated spelling of --base."""
+    import numpy as np
+
+    from policy_server.models.base import ObservationBatch
+    from policy_server.serving import EngineConfig, build_engine
+
+    stack, _ = vsubspace_stack
+    state = np.linspace(-2, 2, stack["config"].state_dim).astype(np.float32)
+    flag = "--obs-state=" + ",".join(f"{v:.6g}" for v in state)
+    args = ["route", str(stack["state"]), "do the task", "--router", "vsubspace", flag, "--json"]
+    capsys.readouterr()
+    assert main([*args, "--base", str(stack["base"])]) == 0
+    line = json.loads(capsys.readouterr().out)
+    engine = build_engine(EngineConfig(base_dir=str(stack["base"]), state_dir=str(stack["state"]),
+                                       router="vsubspace"))
+    try:
+        obs = ObservationBatch(state=np.array([[float(f"{v:.6g}") for v in state]], np.float32),
+                               instructions=[""])
+        d = engine.route("do the task", obs)
+    finally:
+        engine.close()
+    assert line["skill"] == d.skill and line["confidence"] == d.confidence
+    assert [(c["skill"], c["score"]) for c in line["candidates"]] == d.candidates
+    assert main([*args, "--model", str(stack["base"])]) == 0
+    old = capsys.readouterr()
+    assert json.loads(old.out) == line and "--model is deprecated; use --base" in old.err
+
+
+def test_cli_refuses_a_mismatched_base(capsys, vsubspace_stack):
+    stack, other = vsubspace_stack
+    args = ["route", str(stack["state"]), "do the task", "--router", "vsubspace",
+            "--obs-state=0", "--base", str(other), "--json"]
+    capsys.readouterr()
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "is not the base of" in err and "--allow-base-mismatch" in err

@@ -8,8 +8,8 @@ import io
 import json
 
 import pytest
+from carve_client import PolicyClient
 
-from clients.client import PolicyClient
 from policy_server.cli import main as cli_main
 from policy_server.service.server import PolicyServer, ServerConfig
 from policy_server.serving import EngineConfig, build_engine

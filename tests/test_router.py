@@ -16,6 +16,7 @@ from torch import nn
 
 from policy_server.errors import InputError, StateError
 from policy_server.models.base import ObservationBatch
+from policy_server.runtime import PolicyRuntime
 from router.base import ExactRouter
 from router.embedder import Embedder, default_model_path, fingerprint_tensor, shared_embedder
 from router.factory import build_router
@@ -298,7 +299,7 @@ def test_vsubspace_router_with_demo_vla():
 
     cfg = demo.DemoVLAConfig()
     backend = demo.DemoVLABackend(cfg)
-    key = backend.value_projection_names()[-1]
+    key = backend.routing_features.value_projections[-1]
     fn = module_feature_fn(backend.module, key, backend.predict)
     rng = np.random.default_rng(0)
     spec = backend.spec
@@ -317,7 +318,7 @@ def test_vsubspace_router_with_demo_vla():
         Xc = X - X.mean(0)
         top = torch.linalg.svd(torch.cat([X.mean(0, keepdim=True), Xc]), full_matrices=False)[2][:K]
         expert = w0 + 5.0 * torch.randn(w0.shape[0], K) @ top
-        hook = VSubspaceHook.for_backend(backend)
+        hook = VSubspaceHook.from_features(backend.routing_features)
         hook.on_tensor(key, expert, expert - w0)
         bases[f"scene{scene}"] = hook.artifacts()[ARTIFACT_PREFIX + key]
     r = VSubspaceRouter(bases, fn, key=key)
@@ -414,7 +415,7 @@ def test_admission_hooks_end_to_end_with_demo_vla(tmp_path, embedder):
     """Admit two demo-VLA experts through the real engine with the router hooks, then route from
     the stored state: text from cached embeddings (no re-embedding), value subspace from the
     stored bases with the base + core model."""
-    import policy_server.merge.engine as engine
+    import policy_server.state.admission as engine
     import policy_server.models.demo_vla as demo
     import policy_server.state.store as store_mod
 
@@ -422,7 +423,7 @@ def test_admission_hooks_end_to_end_with_demo_vla(tmp_path, embedder):
     cfg = demo.DemoVLAConfig(state_dim=8, hidden_dim=32, mlp_dim=64, vocab_size=256, text_dim=16)
     base = demo.DemoVLABackend(cfg)
     base.save_pretrained(tmp_path / "base")
-    key = base.value_projection_names()[-1]
+    key = base.routing_features.value_projections[-1]
     fn = module_feature_fn(base.module, key, base.predict)
     rng = np.random.default_rng(0)
 
@@ -441,7 +442,7 @@ def test_admission_hooks_end_to_end_with_demo_vla(tmp_path, embedder):
         with torch.no_grad():
             expert.module.get_parameter(key).add_(3.0 * torch.randn(w0.shape[0], 4) @ top)
         expert.save_pretrained(tmp_path / skill)
-        hooks = [VSubspaceHook.for_backend(base), TextEmbeddingHook(instr[skill], embedder)]
+        hooks = [VSubspaceHook.from_features(base.routing_features), TextEmbeddingHook(instr[skill], embedder)]
         engine.admit(tmp_path / "state", tmp_path / "base", tmp_path / skill, skill,
                      instructions=instr[skill], hooks=hooks, progress=False)
     snap = store_mod.StateStore(tmp_path / "state").open()
@@ -454,6 +455,8 @@ def test_admission_hooks_end_to_end_with_demo_vla(tmp_path, embedder):
     assert embedder.sentences == before
     assert text.route("put the mug onto the shelf").skill == "scene1"
     assert text.route("tidy the table").abstained  # shared by both skills
-    vs = build_router("vsubspace", snap, {"backend": base})
+    # the served weights (base + core) through the runtime's lock-safe capture
+    served = PolicyRuntime(demo.DemoVLABackend.load(tmp_path / "base"), snap)
+    vs = build_router("vsubspace", snap, {"capture": served.capture})
     for scene in (0, 1):
         assert vs.route("tidy the table", obs(scene)).skill == f"scene{scene}"

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policy_server.errors import StateError
-from policy_server.merge.entries import Dense, LowRank, Masked, skill_delta
+from policy_server.errors import InputError, StateError
+from policy_server.tensors.entries import Dense, LowRank, Masked, skill_delta
 from policy_server.models.base import ImageSpec, ObservationBatch, PolicyBackend, PolicySpec
 from policy_server.runtime import PolicyRuntime, ResidualEmbedding, ResidualLinear, SidePathError
 from policy_server.runtime.skill_bank import ResidualStack
@@ -447,3 +447,57 @@ def test_bfloat16_model_tracks_the_float32_reference(mode):
     err = np.abs(rt.infer(batch, MIXED) - ref).max()
     # bf16 rounding (~2^-8 relative) stays well below what the skills change
     assert err < 0.05 * skill_effect, (err, skill_effect)
+
+
+def _hooked_inputs(module: nn.Module, name: str, run) -> torch.Tensor:
+    """What entered ``module.<name>`` while ``run()`` ran (an independent plain hook)."""
+    seen = []
+    h = module.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
+    try:
+        run()
+    finally:
+        h.remove()
+    return seen[-1]
+
+
+@pytest.mark.parametrize("mode", ["fused", "side", "auto"])
+def test_capture_returns_this_batchs_inputs_under_the_skills_weights(mode):
+    """capture = the inputs a plain hook sees when that batch runs alone with that skill, in
+    every mode; the hooks are gone afterwards; bad keys and skills are named."""
+    snap, batch = make_snapshot(), make_batch(3, seed=7)
+    rt = PolicyRuntime(ToyBackend(), snap, mode=mode)
+    ref = PolicyRuntime(ToyBackend(), snap, mode="fused")
+    for skill in (None, "pick", "place", "wipe"):
+        got = rt.capture(batch, ["v.weight", "fc1"], skill)
+        assert set(got) == {"v.weight", "fc1"}
+        want_v = _hooked_inputs(ref.backend.module, "v", lambda: ref.infer(batch, [skill] * 3))
+        want_fc1 = _hooked_inputs(ref.backend.module, "fc1",
+                                  lambda: ref.infer(batch, [skill] * 3))
+        assert got["v.weight"].dtype == torch.float32 and got["v.weight"].shape == (3 * 9, HID)
+        torch.testing.assert_close(got["v.weight"], want_v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["fc1"], want_fc1, rtol=1e-5, atol=1e-6)
+    for name, mod in rt.backend.module.named_modules():
+        assert not mod._forward_pre_hooks, name
+    with pytest.raises(InputError, match="no module 'nope'"):
+        rt.capture(batch, ["nope.weight"])
+    with pytest.raises(StateError, match="unknown skill"):
+        rt.capture(batch, ["v.weight"], "fly")
+    # the captured skill's weights do not leak into the next inference
+    np.testing.assert_allclose(rt.infer(batch, [None] * 3),
+                               reference_actions(snap, batch, [None] * 3), rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_places_the_backend_through_to(monkeypatch):
+    """The runtime moves/casts only through ``PolicyBackend.to`` and never writes attributes."""
+    be = ToyBackend()
+    calls = []
+    real_to = PolicyBackend.to
+    monkeypatch.setattr(ToyBackend, "to", lambda self, device=None, dtype=None: (
+        calls.append((device, dtype)), real_to(self, device, dtype))[1], raising=False)
+    before = dict(vars(be))
+    rt = PolicyRuntime(be, make_snapshot(), mode="fused", dtype=torch.bfloat16)
+    assert calls == [(torch.device("cpu"), None), (None, torch.bfloat16)]
+    assert {k for k in vars(be) if k not in before or vars(be)[k] is not before[k]} == set()
+    assert {p.dtype for p in be.module.parameters()} == {torch.bfloat16}
+    assert rt.infer(make_batch(2), ["pick", None]).dtype == np.float32

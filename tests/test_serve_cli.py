@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from carve_client import PolicyClient, PolicyError
 
-from clients.client import PolicyClient, PolicyError
 from serving_utils import make_stack
 
 

@@ -10,14 +10,14 @@ import time
 import grpc
 import numpy as np
 import pytest
+from carve_client import PolicyClient, PolicyError
+from carve_client.codec import encode_tensor
+from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
+from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.client import PolicyClient, PolicyError
 from policy_server.models.base import ObservationBatch
 from policy_server.models.registry import load_backend
-from policy_server.service.codec import encode_tensor
-from policy_server.service.gen.carve.policy.v1 import policy_pb2 as pb
-from policy_server.service.gen.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 from policy_server.service.server import PolicyServer, ServerConfig
 from policy_server.serving import EngineConfig, build_engine
 from policy_server.state.export import export_skill
@@ -161,7 +161,7 @@ def _start(**kw):
 
 
 def _obs_msg(state=None, images=None):
-    from clients.client import observation_proto
+    from carve_client.codec import observation_proto
 
     rng = np.random.default_rng(3)
     s, im = _obs(rng)
@@ -321,17 +321,18 @@ def test_reflection_lists_the_service(served):
 def test_runtime_modes_equal_exported_checkpoint(stack, tmp_path, mode):
     """Merge-in (fused), the batched side path and auto all give the actions of the skill's
     exported full checkpoint, for a mixed-skill batch (real state, real demo VLA)."""
-    from policy_server.runtime import PolicyRuntime
-    from policy_server.state.store import StateStore
-
-    snap = StateStore(stack["state"]).open()
     skills = ["button", "window", None, "drawer"]
     rng = np.random.default_rng(7)
     states = rng.standard_normal((4, 39)).astype(np.float32)
     imgs = rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
     batch = ObservationBatch(state=states, instructions=["do it"] * 4, images={"front": imgs})
-    rt = PolicyRuntime(load_backend(stack["base"]), snap, mode=mode)
-    got = rt.infer(batch, skills)
+    # the served stack, built by the composition root
+    engine = build_engine(EngineConfig(base_dir=str(stack["base"]), state_dir=str(stack["state"]),
+                                       mode=mode, router="exact"))
+    try:
+        got = engine.runtime.infer(batch, skills)
+    finally:
+        engine.close()
     for i, skill in enumerate(skills):
         if skill is None:
             continue
@@ -341,3 +342,69 @@ def test_runtime_modes_equal_exported_checkpoint(stack, tmp_path, mode):
                                images={"front": imgs[i:i + 1]})
         want = np.clip(ref.predict(one).detach().numpy()[0], -1, 1)
         np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-5, err_msg=f"{mode} {skill}")
+
+
+def test_build_engine_refuses_another_base_unless_allowed(stack, tmp_path, caplog):
+    """The one base-fingerprint rule at the composition root: a state is served only on the base
+    it was merged from, unless allow_base_mismatch (then with a warning)."""
+    from policy_server.errors import InputError, StateError
+    from policy_server.models.demo_vla import DemoVLABackend
+
+    other = DemoVLABackend(stack["config"], seed=7).save_pretrained(tmp_path / "other")
+    cfg = EngineConfig(base_dir=str(other), state_dir=str(stack["state"]), router="exact")
+    with pytest.raises(StateError, match="is not the base of .*--allow-base-mismatch"):
+        build_engine(cfg)
+    cfg.allow_base_mismatch = True
+    with caplog.at_level("WARNING", logger="carve.base_check"):
+        engine = build_engine(cfg)
+    try:
+        assert "going on because --allow-base-mismatch" in caplog.text
+        assert engine.info()["state_version"]
+    finally:
+        engine.close()
+    with pytest.raises(InputError, match="--dtype 'float8'"):
+        build_engine(EngineConfig(base_dir=str(stack["base"]), dtype="float8"))
+
+
+def test_routing_errors_map_to_statuses():
+    """Routing reads the model through the batcher too: overload, shutdown and bad input while
+    routing come back as typed statuses naming the cause, like inference errors."""
+    from policy_server.errors import BatcherClosed, BatcherFull, InputError
+    from policy_server.models.base import PolicySpec
+    from policy_server.service.engine_api import PolicyEngine
+
+    raised = {"busy": BatcherFull("MicroBatcher queue full (3 pending requests)"),
+              "closing": BatcherClosed("MicroBatcher is closed"),
+              "bad": InputError("observation.state: wrong size")}
+
+    class RouteFailsEngine(PolicyEngine):
+        spec = PolicySpec(state_dim=2, action_dim=1, chunk_length=1, action_low=[-1.0],
+                          action_high=[1.0])
+
+        def skills(self):
+            return []
+
+        def route(self, instruction, observation=None):
+            raise raised[instruction]
+
+        def infer(self, observation, skill):
+            return np.zeros((1, 1), np.float32)
+
+    server = PolicyServer(RouteFailsEngine(), ServerConfig(port=0))
+    port = server.start()
+    try:
+        client = PolicyClient(f"127.0.0.1:{port}", retries=0)
+        for instruction, code, text in (
+                ("busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "3 pending"),
+                ("closing", grpc.StatusCode.UNAVAILABLE, "shutting down"),
+                ("bad", grpc.StatusCode.INVALID_ARGUMENT, "observation.state")):
+            with pytest.raises(PolicyError) as e:
+                client.route(instruction)
+            assert e.value.code == code and text in str(e.value), instruction
+            with pytest.raises(PolicyError) as e:
+                with client.episode(instruction):
+                    pass
+            assert e.value.code == code, instruction
+        client.close()
+    finally:
+        server.stop(1.0)

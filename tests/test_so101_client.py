@@ -219,9 +219,9 @@ def test_runner_stops_on_robot_fault_and_rejects_wrong_spec():
 
 def test_runner_unreachable_server_is_safe():
     """A real gRPC client to a port nobody listens on: the run must stop cleanly, arm held."""
-    import clients.client as client_mod
+    from carve_client import PolicyClient
 
-    client = client_mod.PolicyClient("127.0.0.1:1", timeout=0.5, retries=0)
+    client = PolicyClient("127.0.0.1:1", timeout=0.5, retries=0)
     robot = FakeRobot(cameras={})
     runner = ArmPolicyRunner(client, robot, ArmRunConfig("x", hz=30, max_steps=30),
                              SafetyConfig(*default_limits(SO101_MOTORS)))
@@ -297,8 +297,6 @@ def test_cli_fake_robot(monkeypatch, capsys):
     """CLI wiring: argument parsing, FakeRobot with a camera, PolicyClient construction, JSON report
     and exit code (the client library is replaced by the double so no server is needed)."""
     import json
-    import sys
-    import types
 
     from clients import so101_client
 
@@ -309,8 +307,7 @@ def test_cli_fake_robot(monkeypatch, capsys):
         return ClientDouble(EpisodeDouble([5.0] * J, chunk=6,
                                           images={"front": SimpleNamespace(height=24, width=24)}))
 
-    monkeypatch.setitem(sys.modules, "clients.client",
-                        types.SimpleNamespace(PolicyClient=fake_policy_client))
+    monkeypatch.setattr(so101_client, "PolicyClient", fake_policy_client)
     monkeypatch.setenv("CARVE_TOKEN", "s3cret")
     rc = so101_client.main(["--server", "10.0.0.2:50051", "--robot", "fake", "--instruction", "go",
                             "--hz", "50", "--max-steps", "25", "--camera", "front=0:64x48",
@@ -358,7 +355,7 @@ def _serve(engine):
 
 
 def test_runner_over_real_grpc_loopback():
-    from clients.client import PolicyClient
+    from carve_client import PolicyClient
 
     server, port = _serve(_demo_engine())
     try:
@@ -378,7 +375,7 @@ def test_runner_over_real_grpc_loopback():
 
 
 def test_runner_stops_safely_when_server_killed_mid_run():
-    from clients.client import PolicyClient
+    from carve_client import PolicyClient
 
     server, port = _serve(_demo_engine(delay_s=0.05))
     client = PolicyClient(f"127.0.0.1:{port}", timeout=2.0, retries=0)

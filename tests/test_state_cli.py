@@ -14,7 +14,7 @@ import torch
 
 from policy_server.cli import main as cli_main
 from policy_server.errors import InputError, IntegrityError, StateError
-from policy_server.merge.entries import Dense, LowRank, Masked
+from policy_server.tensors.entries import Dense, LowRank, Masked
 from policy_server.state.store import StateStore
 
 CARVE = Path(sys.executable).parent / "carve"

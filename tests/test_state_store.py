@@ -12,9 +12,9 @@ import torch
 
 from policy_server.cli import main as cli_main
 from policy_server.errors import IntegrityError, StateError
-from policy_server.merge.entries import Dense, LowRank, Masked
+from policy_server.tensors.entries import Dense, LowRank, Masked
 from policy_server.state.store import StateStore
-from policy_server.state.tensor_io import pack_mask, unpack_mask
+from policy_server.state.entry_codec import pack_mask, unpack_mask
 
 
 def _entries(seed=0):
@@ -248,7 +248,7 @@ def test_write_outside_transaction_and_after_commit(tmp_path):
 def test_missing_or_damaged_files_never_read_as_empty(tmp_path):
     from safetensors.torch import load_file
 
-    from policy_server.state.tensor_io import save_tensors_durable
+    from policy_server.tensors.safetensors_io import save_tensors_durable
 
     store = StateStore(tmp_path / "s")
     _commit(store, "a")
@@ -304,7 +304,7 @@ def test_streaming_writer_matches_safetensors_format(tmp_path):
     every dtype the store writes (incl. bf16, bool, empty, 0-d and non-contiguous tensors)."""
     from safetensors.torch import load_file
 
-    from policy_server.state.tensor_io import LazyTensors, write_safetensors_streaming
+    from policy_server.tensors.safetensors_io import LazyTensors, write_safetensors_streaming
 
     ts = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
           "c": torch.tensor([True, False, True]), "d": torch.zeros(0, 4),

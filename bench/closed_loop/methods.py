@@ -1,11 +1,11 @@
 """Benchmark method specs: how each compared method builds what is served after admission step t.
 
-Two ways to build, matching ``policy_server.merge.engine``:
+Two ways to build, matching ``policy_server.state.admission`` and ``policy_server.state.oneshot``:
 
-* ``continual`` -- ``engine.admit`` expert t into the method's own state directory (the state
+* ``continual`` -- ``admit`` expert t into the method's own state directory (the state
   carries every earlier step; the expert is then discarded). CARVE, the expert bank and the
   continual baselines (task arithmetic, MagMax, OPCM) go this way, as in CARVE's protocol.
-* ``oneshot`` -- ``engine.merge`` re-merges experts 1..t from scratch into a fresh output (TIES,
+* ``oneshot`` -- ``merge`` re-merges experts 1..t from scratch into a fresh output (TIES,
   DARE, TSV, ResMerge write one checkpoint; TALL masks write a state with per-skill masks). This
   is an upper bound for those methods' continual use: they get to see every expert again.
 

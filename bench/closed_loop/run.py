@@ -88,7 +88,8 @@ class _Builder:
 
     def step(self, t: int) -> dict:
         """Admit expert t (1-based) or re-merge experts 1..t. -> {"kind", "out", ...report}."""
-        from policy_server.merge.engine import admit, merge
+        from policy_server.state.admission import admit
+        from policy_server.state.oneshot import merge
 
         experts = self.factory["experts"][:t]
         base_dir = self.factory["base"]["dir"]
@@ -119,7 +120,7 @@ def _evaluate(base_dir: str, kind: str, served_dir: str, experts: list[dict], ta
     """Serve one built model over gRPC and run every admitted skill's tasks through the client."""
     import grpc
 
-    from clients.client import PolicyClient, PolicyError
+    from carve_client import PolicyClient, PolicyError
     from clients.metaworld_client import run_task
     from policy_server.service.server import PolicyServer, ServerConfig
     from policy_server.serving import EngineConfig, build_engine

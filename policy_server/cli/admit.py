@@ -15,6 +15,7 @@ import dataclasses
 import json
 import sys
 
+from policy_server.dtypes import DTYPE_NAMES
 from policy_server.errors import InputError
 
 _PREFIX = "mopt__"
@@ -32,16 +33,22 @@ def _method_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
     return out
 
 
+def _shared_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
+    """Help of a flag several methods share: one text when they agree, else each method's own
+    (their defaults differ, e.g. resmerge's and tsv's ``mean_patterns``)."""
+    helps = [(m, (f.metadata or {}).get("help", "")) for m, f in owners]
+    if len({h for _, h in helps}) == 1:
+        return f"[{', '.join(m for m, _ in helps)}] {helps[0][1]}"
+    return "; ".join(f"[{m}] {h}" for m, h in helps)
+
+
 def add_method_option_flags(parser: argparse.ArgumentParser) -> None:
     """Add ``--<field>`` flags for every registered method's options (see the module doc)."""
     group = parser.add_argument_group(
         "method options", "knobs of the merge methods (each applies to the methods listed)")
     for fname, owners in sorted(_method_fields().items()):
         flag = "--" + fname.replace("_", "-")
-        methods = ", ".join(m for m, _ in owners)
-        f0 = owners[0][1]
-        help_ = f0.metadata.get("help", "") if f0.metadata else ""
-        help_ = f"[{methods}] {help_}".replace("%", "%%")
+        help_ = _shared_help(owners).replace("%", "%%")
         dest = _PREFIX + fname
         types = {str(f.type) for _, f in owners}
         if types == {"bool"}:
@@ -128,16 +135,18 @@ def _storage_line(storage: dict) -> str:
 
 
 def run_admit(args) -> int:
-    from policy_server.merge.engine import admit, state_method
+    from policy_server.state.admission import AdmitRequest, admit_request, state_method
 
     method = args.method or state_method(args.state_dir) or "carve"
     options = collect_method_options(args, method)
-    report = admit(args.state_dir, args.base, args.expert, args.skill,
-                   instructions=args.instruction or (), description=args.description or "",
-                   method=method, options=options, replace=args.replace,
-                   allow_pickle=args.allow_pickle, allow_dtype_mismatch=args.allow_dtype_mismatch,
-                   dense_patterns=args.dense_pattern or (), store_dtype=args.store_dtype,
-                   hooks=_build_hooks(args), progress=not args.no_progress, seed=args.seed)
+    report = admit_request(AdmitRequest(
+        args.state_dir, args.base, args.expert, args.skill,
+        instructions=args.instruction or (), description=args.description or "",
+        method=method, options=options, replace=args.replace,
+        allow_pickle=args.allow_pickle, allow_dtype_mismatch=args.allow_dtype_mismatch,
+        allow_base_mismatch=args.allow_base_mismatch,
+        dense_patterns=args.dense_pattern or (), store_dtype=args.store_dtype,
+        hooks=_build_hooks(args), progress=not args.no_progress, seed=args.seed))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -165,7 +174,7 @@ def add_common_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-pattern", action="append", metavar="GLOB",
                    help="fnmatch glob of checkpoint keys kept dense, never low-rank (repeatable; "
                         "1-D tensors always are), e.g. 'action_head.*'")
-    p.add_argument("--store-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+    p.add_argument("--store-dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype the state stores tensors in (set by the first admission; "
                         "default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of randomized steps (SVD sketches)")
@@ -202,6 +211,9 @@ def register(sub) -> None:
                         "(default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--no-embed", action="store_true",
                    help="do not cache instruction embeddings (the server embeds at start)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="admit even when BASE_DIR's fingerprint is not the one the state records "
+                        "(logs a warning); refused by default")
     add_common_input_flags(p)
     add_method_option_flags(p)
     p.set_defaults(func=run_admit)

@@ -24,7 +24,7 @@ def register(sub) -> None:
 def run_demo(args) -> int:
     import torch
 
-    from clients.client import PolicyClient
+    from carve_client import PolicyClient
     from clients.metaworld_client import run_task
     from policy_server.demo import ensure_demo_state
     from policy_server.service.server import PolicyServer, ServerConfig

@@ -17,6 +17,7 @@ def run_export(args) -> int:
 
     report = export_skill(args.state_dir, args.skill, args.base, args.out, format=args.format,
                           version=args.version, dense=args.dense, allow_pickle=args.allow_pickle,
+                          allow_base_mismatch=args.allow_base_mismatch,
                           overwrite=args.overwrite, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -52,6 +53,9 @@ def add_export_parser(state_sub) -> argparse.ArgumentParser:
                         "(making it skill-specific), or refuse")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--allow-pickle", action="store_true", help="accept a pickle base checkpoint")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="export even when BASE_DIR's fingerprint is not the one the state records "
+                        "(logs a warning); refused by default")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_export)

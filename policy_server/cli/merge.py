@@ -15,7 +15,7 @@ from policy_server.errors import InputError
 
 
 def run_merge(args) -> int:
-    from policy_server.merge.engine import merge
+    from policy_server.state.oneshot import merge
 
     skills = args.skill or None
     if skills is not None and len(skills) != len(args.expert):

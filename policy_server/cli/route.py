@@ -2,22 +2,28 @@
 
     carve route STATE_DIR "put the bowl on the plate" "turn on the stove" [--file FILE]
                 [--router exact|text|vsubspace|hybrid] [--min-confidence X] [--min-margin Y]
-                [--image [CAMERA=]FILE] [--state V,V,...] [--model DIR] [--json]
+                [--image [CAMERA=]FILE] [--obs-state V,V,...] [--base DIR] [--version V] [--json]
 
 One decision per instruction: a table, or with ``--json`` one JSON object per line (instruction,
 skill, confidence, abstained, margin, runner_up, reason, router, candidates). The router is built with
 ``router.factory.build_router`` and queried with ``Router.route`` one instruction at a time, exactly
 as the server does, so the decisions are identical to the Python API and the gRPC ``Route`` call.
-An abstention is an answer, not an error (exit code 0).
+With ``--base`` the served model is built by the composition root (``policy_server.serving``:
+base fingerprint checked, core folded by the runtime), exactly as ``carve serve`` builds it.
+An abstention is an answer, not an error (exit code 0). ``--state`` (the observation vector),
+``--version-id`` and ``--model`` are deprecated spellings of ``--obs-state``, ``--version`` and
+``--base``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
+from policy_server.cli.aliases import deprecated_alias
 from policy_server.errors import InputError
 
 
@@ -40,17 +46,26 @@ def register(sub) -> None:
     p.add_argument("--min-margin", type=float, default=None, metavar="Y",
                    help="abstain when best minus runner-up confidence is below this (default 0.05)")
     p.add_argument("--temperature", type=float, default=None, help="text softmax temperature")
-    p.add_argument("--version-id", dest="state_version", default=None, metavar="VERSION",
+    p.add_argument("--version", dest="state_version", default=None, metavar="VERSION",
                    help="route with this state version (default: CURRENT)")
+    p.add_argument("--version-id", dest="state_version", metavar="VERSION",
+                   action=deprecated_alias("--version"), help=argparse.SUPPRESS)
     p.add_argument("--image", action="append", default=[], metavar="[CAMERA=]FILE",
                    help="first-observation image for the vsubspace/hybrid routers (PNG/JPEG); "
                         "CAMERA defaults to the model's first camera or 'image'")
-    p.add_argument("--state", dest="obs_state", default=None, metavar="V,V,...",
+    p.add_argument("--obs-state", dest="obs_state", default=None, metavar="V,V,...",
                    help="first-observation state vector (comma-separated floats; write "
-                        "--state=-1,2 when it starts with a minus sign)")
-    p.add_argument("--model", default=None, metavar="DIR",
+                        "--obs-state=-1,2 when it starts with a minus sign)")
+    p.add_argument("--state", dest="obs_state", metavar="V,V,...",
+                   action=deprecated_alias("--obs-state"), help=argparse.SUPPRESS)
+    p.add_argument("--base", default=None, metavar="DIR",
                    help="the base model directory (needed by the vsubspace router and by hybrid "
-                        "with value-subspace scores); the state's core is folded in")
+                        "with value-subspace scores): the model is built as carve serve builds it")
+    p.add_argument("--model", dest="base", metavar="DIR", action=deprecated_alias("--base"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="use a base whose fingerprint differs from (or was not recorded in) the "
+                        "state's (warns instead of refusing)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=run_route)
 
@@ -71,24 +86,9 @@ def read_instructions(args) -> list[str]:
     return out
 
 
-def _load_model(model_dir: str, snapshot):
-    """Backend with base + core folded, the weights the server runs before a skill is applied."""
-    import torch
-
-    from policy_server.models.registry import load_backend
-
-    backend = load_backend(model_dir)
-    core = snapshot.core() if hasattr(snapshot, "core") else {}
-    params = dict(backend.module.named_parameters())
-    with torch.no_grad():
-        for key, delta in core.items():
-            if key in params:
-                params[key].add_(delta.to(params[key].dtype))
-    return backend
-
-
-def build_observation(args, backend=None):
-    """ObservationBatch of size 1 from --image/--state, or None when neither is given."""
+def build_observation(args, served=None):
+    """ObservationBatch of size 1 from --image/--obs-state (images resized to ``served.spec``'s
+    cameras when a served model is given), or None when neither flag is given."""
     if not args.image and args.obs_state is None:
         return None
     import cv2
@@ -96,7 +96,7 @@ def build_observation(args, backend=None):
 
     from policy_server.models.base import ObservationBatch
 
-    spec = getattr(backend, "spec", None)
+    spec = getattr(served, "spec", None)
     cams = list(spec.images) if spec is not None else []
     images = {}
     for item in args.image:
@@ -115,33 +115,54 @@ def build_observation(args, backend=None):
         try:
             state = np.array([[float(v) for v in args.obs_state.split(",")]], dtype=np.float32)
         except ValueError as e:
-            raise InputError(f"--state {args.obs_state!r}: expected comma-separated floats") from e
+            raise InputError(f"--obs-state {args.obs_state!r}: expected comma-separated floats"
+                             ) from e
     else:
         dim = spec.state_dim if spec is not None else 0
         state = np.zeros((1, dim), dtype=np.float32)
     return ObservationBatch(state=state, instructions=[""], images=images)
 
 
-def router_config(args) -> dict:
-    return {"router_model": args.router_model, "min_confidence": args.min_confidence,
-            "min_margin": args.min_margin, "temperature": args.temperature}
+def engine_config(args):
+    """The ``EngineConfig`` ``carve serve`` would use for these routing flags."""
+    from policy_server.serving import EngineConfig
+
+    return EngineConfig(base_dir=args.base or "", state_dir=args.state_dir,
+                        state_version=args.state_version, router=args.router,
+                        router_model=args.router_model, min_confidence=args.min_confidence,
+                        min_margin=args.min_margin,
+                        router_options={"temperature": args.temperature}
+                        if args.temperature is not None else {},
+                        allow_base_mismatch=args.allow_base_mismatch)
+
+
+def _decide(args, instructions: list[str]):
+    """-> (snapshot, router, [(instruction, RouteDecision)])."""
+    cfg = engine_config(args)
+    if args.base:
+        from policy_server.serving import build_engine
+
+        engine = build_engine(cfg)
+        try:
+            obs = build_observation(args, engine)
+            return (engine.snapshot, engine.router,
+                    [(t, engine.route(t, obs)) for t in instructions])
+        finally:
+            engine.close()
+    from policy_server.serving import make_router
+    from policy_server.state.store import StateStore
+
+    store = StateStore(args.state_dir)
+    snap = store.open(args.state_version) if args.state_version else store.open()
+    router = make_router(cfg, snap)
+    obs = build_observation(args)
+    return snap, router, [(t, router.route(t, obs)) for t in instructions]
 
 
 def run_route(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     instructions = read_instructions(args)  # bad input fails before anything heavy is imported
-    from policy_server.state.store import StateStore
-    from router.factory import build_router
-
-    store = StateStore(args.state_dir)
-    snap = store.open(args.state_version) if args.state_version else store.open()
-    config = router_config(args)
-    backend = _load_model(args.model, snap) if args.model else None
-    if backend is not None:
-        config["backend"] = backend
-    router = build_router(args.router, snap, config)
-    obs = build_observation(args, backend)
-    decisions = [(t, router.route(t, obs)) for t in instructions]
+    snap, router, decisions = _decide(args, instructions)
     if args.json:
         for t, d in decisions:
             print(json.dumps({"instruction": t, **d.to_json()}, ensure_ascii=False))

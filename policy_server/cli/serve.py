@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+from policy_server.dtypes import DTYPE_NAMES
+
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a merge state over gRPC",
@@ -20,6 +22,9 @@ def register(sub) -> None:
                      help="serve the cached built-in demo (built on first use)")
     src.add_argument("--no-verify", action="store_true",
                      help="skip the sha256 check of the state files at load")
+    src.add_argument("--allow-base-mismatch", action="store_true",
+                     help="serve the state on a base whose fingerprint differs from (or was not "
+                          "recorded in) the state's manifest (warns instead of refusing)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all)")
     net.add_argument("--port", type=int, default=50051, help="port (0 = pick a free one)")
@@ -30,7 +35,8 @@ def register(sub) -> None:
     net.add_argument("--max-workers", type=int, default=64, help="concurrent streams/calls")
     rt = p.add_argument_group("runtime")
     rt.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
-    rt.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    rt.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                    help="served model dtype (cast once, after the core is folded in float32)")
     rt.add_argument("--mode", default="auto", choices=["auto", "fused", "side"],
                     help="apply residuals fused into weights, on a batched side path, or auto")
     rt.add_argument("--max-batch", type=int, default=16)
@@ -65,7 +71,8 @@ def engine_config_from_args(args):
                         mode=args.mode, router=args.router, router_model=args.router_model,
                         abstain=args.abstain, min_confidence=args.min_confidence,
                         min_margin=args.min_margin, max_batch=args.max_batch,
-                        max_wait_ms=args.max_wait_ms)
+                        max_wait_ms=args.max_wait_ms,
+                        allow_base_mismatch=args.allow_base_mismatch)
 
 
 def run_serve(args) -> int:

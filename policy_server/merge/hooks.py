@@ -1,8 +1,9 @@
 """Admission hooks: look at an expert's tensors while it streams through admission.
 
 Once an expert is admitted it is discarded (CARVE keeps only the core and low-rank residuals), so
-anything a router needs from the *expert itself* must be captured during admission. The engine
-calls, for every floating tensor of the base, in key order::
+anything a router needs from the *expert itself* must be captured during admission. The admission
+stream (``merge/stream.py``, through :func:`run_hooks`) calls, for every floating tensor of the
+base, in key order::
 
     hook.wants(key) -> bool                          # cheap filter, default: every key
     hook.on_tensor(key, expert_fp32, tau)            # expert_fp32 = base + tau, float32
@@ -12,7 +13,8 @@ calls, for every floating tensor of the base, in key order::
 ``tau`` is None when the expert leaves the tensor untouched (e.g. a LoRA adapter not targeting it;
 ``expert_fp32`` is then the base tensor). The artifacts are stored with the skill through
 ``Transaction.write_artifacts`` and read back with ``StateSnapshot.skill_artifacts(skill)``; an
-artifact name may not repeat across the hooks of one admission (the engine refuses duplicates).
+artifact name may not repeat across the hooks of one admission (:func:`collect_artifacts` refuses
+duplicates).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from policy_server.errors import InputError
+from policy_server.tensors.checkpoint import CheckpointReader
 
 
 class AdmissionHook:
@@ -45,7 +48,7 @@ class AdmissionHook:
 
 class ValueSubspaceHook(AdmissionHook):
     """Keeps the top-``k`` right singular vectors of matching weight matrices (MergeVLA's
-    value-subspace router, DESIGN.md 3.3).
+    value-subspace router, docs/ROUTING.md).
 
     For a value projection ``W_v`` (out, in) of the *expert*, the router scores a skill by the norm
     of the hidden states projected onto that skill's leading right singular vectors, so it needs
@@ -81,3 +84,29 @@ class ValueSubspaceHook(AdmissionHook):
         if not self._out:
             raise InputError(f"value_subspace hook: no tensor matched {list(self.patterns)}")
         return dict(self._out)
+
+
+def run_hooks(hooks: Sequence[AdmissionHook], base: CheckpointReader, key: str,
+              tau: torch.Tensor | None) -> None:
+    """Show tensor ``key`` of the expert (``base + tau``, float32) to every hook that wants it;
+    the base tensor is only read when one does."""
+    wanting = [h for h in hooks if h.wants(key)]
+    if not wanting:
+        return
+    expert = base.get(key).float()
+    if tau is not None:
+        expert = expert + tau
+    for h in wanting:
+        h.on_tensor(key, expert, tau)
+
+
+def collect_artifacts(hooks: Sequence[AdmissionHook]) -> dict[str, torch.Tensor]:
+    """Every hook's artifacts as contiguous CPU tensors; InputError when a name repeats."""
+    out: dict[str, torch.Tensor] = {}
+    for h in hooks:
+        for name, t in h.artifacts().items():
+            if name in out:
+                raise InputError(f"admission hooks produce artifact {name!r} twice "
+                                 f"(second time from hook {h.name!r})")
+            out[name] = t.detach().to("cpu").contiguous()
+    return out

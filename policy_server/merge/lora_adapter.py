@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.checkpoint import CheckpointReader, _file_digest, open_checkpoint
+from policy_server.tensors.checkpoint import CheckpointReader, file_digest, open_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -249,7 +249,7 @@ class LoraAdapter:
         """sha256 over the adapter config and the weights' identity (size, first/last MiB)."""
         h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
         for f in self.weights.files:
-            _file_digest(f, h)
+            file_digest(f, h)
         return h.hexdigest()
 
 

@@ -18,7 +18,7 @@ import math
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.entries import LowRank
+from policy_server.tensors.entries import LowRank
 
 #: above this min(m, n), method="auto" switches from the exact to the randomized SVD
 EXACT_MAX_DIM = 1024

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.checkpoint import CheckpointReader, open_checkpoint
 from policy_server.merge.lora_adapter import LoraAdapter, is_lora_adapter_dir, open_lora_adapter
+from policy_server.progress import progress as progress_bar
+from policy_server.tensors.checkpoint import CheckpointReader, open_checkpoint
 
 _MAX_LISTED = 5
 
@@ -190,10 +191,6 @@ def iter_task_vectors(base: CheckpointReader, expert: ExpertSource,
     A tqdm bar on stderr shows progress when ``progress``.
     """
     key_list = list(keys) if keys is not None else base.keys()
-    it: Iterable[str] = key_list
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(key_list, desc=f"tau {Path(expert.path).name}", unit="tensor", leave=False)
-    for key in it:
+    for key in progress_bar(key_list, progress, f"tau {Path(expert.path).name}", len(key_list),
+                            leave=False):
         yield key, expert.task_vector(key)

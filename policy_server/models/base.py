@@ -14,37 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from carve_client.spec import ImageSpec, PolicySpec  # noqa: F401  (re-exported)
 from torch import nn
 
-
-@dataclass
-class ImageSpec:
-    """One camera: HWC uint8 of this size is what the model consumes (the service resizes nothing:
-    a wrong size is an INVALID_ARGUMENT)."""
-
-    height: int
-    width: int
-    channels: int = 3
-
-
-@dataclass
-class PolicySpec:
-    """Observation/action contract of a backend, sent to clients at episode start.
-
-    images: camera key -> ImageSpec (may be empty for state-only policies);
-    state_dim: proprioceptive/object state length (float32); action_dim, chunk_length: the
-    predicted chunk is (chunk_length, action_dim) float32; action_low/high: per-dimension bounds the
-    runtime clips to; normalization: named statistics (e.g. {"state_mean": [...]}) for clients.
-    """
-
-    state_dim: int
-    action_dim: int
-    chunk_length: int
-    action_low: list[float]
-    action_high: list[float]
-    images: dict[str, ImageSpec] = field(default_factory=dict)
-    normalization: dict[str, list[float]] = field(default_factory=dict)
-    name: str = ""
+from policy_server.models.features import NO_ROUTING_FEATURES, RoutingFeatures
 
 
 @dataclass
@@ -78,7 +51,16 @@ class PolicyBackend(ABC):
         """(B, chunk_length, action_dim) float32 actions in the environment's units, unclipped.
         Must be safe to call under ``torch.inference_mode()``."""
 
-    def value_projection_names(self) -> list[str]:
-        """Weight keys of action-expert value projections (for the value-subspace router); empty
-        when the architecture has none."""
-        return []
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+           ) -> "PolicyBackend":
+        """Move ``module`` to ``device`` and/or cast it to ``dtype`` (None keeps either) and update
+        whatever the backend caches about its placement (e.g. where it puts inputs). The runtime
+        places a backend only through this. Returns self."""
+        self.module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def routing_features(self) -> RoutingFeatures:
+        """Which modules the observation routers can read (none by default); see
+        ``policy_server.models.features``."""
+        return NO_ROUTING_FEATURES

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from policy_server.errors import InputError
 from policy_server.models.base import ImageSpec, ObservationBatch, PolicyBackend, PolicySpec
+from policy_server.models.features import RoutingFeatures
 
 MODEL_TYPE = "carve_demo_vla"
 CONFIG_NAME = "config.json"
@@ -387,11 +388,23 @@ class DemoVLABackend(PolicyBackend):
         with torch.no_grad():
             return self.unnormalize_action(self.forward_normalized(batch))
 
-    def value_projection_names(self) -> list[str]:
-        """``action_expert.{blocks.i,head}.cross_attn.v_proj.weight`` in forward order."""
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+           ) -> "DemoVLABackend":
+        """Move/cast the module; inputs are then placed on ``device`` in ``dtype``."""
+        super().to(device, dtype)
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+    @property
+    def routing_features(self) -> RoutingFeatures:
+        """Value projections ``action_expert.{blocks.i,head}.cross_attn.v_proj.weight`` in
+        forward order."""
         names = [f"action_expert.blocks.{i}.cross_attn.v_proj.weight"
                  for i in range(self.config.num_expert_blocks)]
-        return names + ["action_expert.head.cross_attn.v_proj.weight"]
+        return RoutingFeatures(tuple(names + ["action_expert.head.cross_attn.v_proj.weight"]))
 
 
 def num_parameters(module: nn.Module) -> int:

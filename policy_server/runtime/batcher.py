@@ -6,6 +6,10 @@ request, then keeps collecting until ``max_batch`` requests or until that oldest
 side path), and resolves each request's future with its own (chunk, A) row. The bounded wait caps
 the latency a request pays for batching; the bounded queue gives back-pressure instead of an
 unbounded backlog (the service maps ``BatcherFull`` to RESOURCE_EXHAUSTED).
+
+Feature captures for the observation routers (``capture``) go through the same queue: the worker
+runs each one alone, in submission order with the inference requests around it, so a route sees
+exactly the weights and ordering an inference submitted at that moment would.
 """
 
 from __future__ import annotations
@@ -19,16 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policy_server.errors import InputError
+from policy_server.errors import BatcherClosed, BatcherFull, InputError
 from policy_server.models.base import ObservationBatch
 
-
-class BatcherFull(RuntimeError):
-    """The request queue is at ``max_queue``; retry later."""
-
-
-class BatcherClosed(RuntimeError):
-    """``submit`` after ``close``."""
+__all__ = ["BatcherClosed", "BatcherFull", "MicroBatcher", "concat_observations"]
 
 
 @dataclass
@@ -37,6 +35,14 @@ class _Request:
     skill: str | None
     future: Future
     t_submit: float  # time.monotonic()
+
+
+@dataclass
+class _Capture:
+    obs: ObservationBatch
+    keys: tuple[str, ...]
+    skill: str | None
+    future: Future
 
 
 _STOP = object()
@@ -88,15 +94,30 @@ class MicroBatcher:
         # validate here so one bad request cannot fail the batch it would have joined
         self.runtime.skill_index(skill)
         fut: Future = Future()
+        self._put(_Request(observation, skill, fut, time.monotonic()))
+        return fut
+
+    def capture(self, observation: ObservationBatch, module_keys, skill: str | None = None
+                ) -> Future:
+        """Queue a routing-feature capture (``runtime.capture``) of ``observation`` under
+        ``skill``; the future resolves to {key: float32 (N, in)}. Served alone by the worker, in
+        order with the inference requests. Raises at once like ``submit``."""
+        if len(observation) == 0:
+            raise InputError("capture: empty observation batch")
+        self.runtime.skill_index(skill)
+        fut: Future = Future()
+        self._put(_Capture(observation, tuple(module_keys), skill, fut))
+        return fut
+
+    def _put(self, item) -> None:
         with self._close_lock:
             if self._closed:
                 raise BatcherClosed("MicroBatcher is closed")
             try:
-                self._q.put_nowait(_Request(observation, skill, fut, time.monotonic()))
+                self._q.put_nowait(item)
             except queue.Full:
                 raise BatcherFull(f"MicroBatcher queue full ({self.max_queue} pending requests)"
                                   ) from None
-        return fut
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, serve every queued one, stop the worker."""
@@ -115,11 +136,15 @@ class MicroBatcher:
 
     # ---- worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
-        stop = False
-        while not stop:
-            first = self._q.get()
+        held = None  # an item that ended the previous batch's collection, served next
+        while True:
+            first = held if held is not None else self._q.get()
+            held = None
             if first is _STOP:
-                return
+                return  # nothing is queued after _STOP
+            if isinstance(first, _Capture):
+                self._serve_capture(first)
+                continue
             batch = [first]
             deadline = first.t_submit + self.max_wait
             while len(batch) < self.max_batch:
@@ -128,11 +153,19 @@ class MicroBatcher:
                     item = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
                 except queue.Empty:
                     break
-                if item is _STOP:
-                    stop = True  # serve what we hold, then exit (nothing is queued after _STOP)
+                if item is _STOP or isinstance(item, _Capture):
+                    held = item  # keep the order: serve this batch first, then the item
                     break
                 batch.append(item)
             self._serve(batch)
+
+    def _serve_capture(self, req: _Capture) -> None:
+        if not req.future.set_running_or_notify_cancel():
+            return
+        try:
+            req.future.set_result(self.runtime.capture(req.obs, req.keys, req.skill))
+        except BaseException as exc:  # the waiting route must hear about it, whatever it is
+            req.future.set_exception(exc)
 
     def _serve(self, batch: list[_Request]) -> None:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]

@@ -13,20 +13,25 @@ Execution plans per ``infer`` call (``mode``):
   the side path. If a layer turns out not to be batch-major (``SidePathError``), auto stops using
   the side path for good and serves mixed batches as fused groups.
 
-Actions come back as float32 numpy (B, chunk, A), clipped to the spec's bounds; non-finite outputs
-raise ``RuntimeError`` naming the rows and skills (never returned to a robot).
+Actions come back as float32 numpy (B, chunk, A) through the one ``ActionGuard`` (clipped to the
+spec's bounds; non-finite outputs raise ``NonFiniteActions`` naming the rows and skills, never
+returned to a robot). ``capture`` records routing features (module inputs) under the same lock as
+inference, so a hook never sees another request's rows.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from policy_server.action_guard import ActionGuard
 from policy_server.errors import InputError, StateError
 from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
+from policy_server.runtime.capture import InputCapture
 from policy_server.runtime.residual_layers import SidePath, SidePathError, install_side_path
 from policy_server.runtime.skill_bank import CORE, ParamIndex, SkillBank, fold_core
 
@@ -43,22 +48,12 @@ def take_rows(batch: ObservationBatch, rows: list[int]) -> ObservationBatch:
                             images={k: v[rows] for k, v in batch.images.items()})
 
 
-def _sync_backend_placement(backend: PolicyBackend, device: torch.device | None = None,
-                            dtype: torch.dtype | None = None) -> None:
-    """Backends that cache where their module lives (e.g. demo_vla's ``device`` / ``dtype``
-    attributes, used to place inputs) must follow the module when the runtime moves or casts it.
-    ``PolicyBackend`` has no ``to()`` hook, so update those plain attributes when present."""
-    if device is not None and isinstance(getattr(backend, "device", None), (torch.device, str)):
-        backend.device = device
-    if dtype is not None and isinstance(getattr(backend, "dtype", None), torch.dtype):
-        backend.dtype = dtype
-
-
 class PolicyRuntime:
     """Weights owner and executor for one backend and one merge-state snapshot.
 
-    backend: a loaded ``PolicyBackend`` (its module is modified in place: moved to ``device``,
-    core folded, cast to ``dtype`` when given, layers wrapped for the side path).
+    backend: a loaded ``PolicyBackend`` (its module is modified in place: placed on ``device``
+    with ``backend.to``, core folded, cast to ``dtype`` when given, layers wrapped for the side
+    path). The runtime is the only owner of placement: pass the device here, not to the loader.
     snapshot: a ``StateSnapshot``-like object (``core()``, ``skill_names()``, ``residuals(name)``,
     ``version``, ``manifest``) or None for the plain base model.
     dtype: model dtype after folding (None keeps the module's); residuals are kept in the dtype of
@@ -76,16 +71,15 @@ class PolicyRuntime:
         self.backend, self.mode = backend, mode
         self.device = torch.device(device)
         self.version = getattr(snapshot, "version", None)
-        module.to(self.device).eval()
-        _sync_backend_placement(backend, device=self.device)
+        backend.to(self.device)
+        module.eval()
         index = ParamIndex(module)
         core = snapshot.core() if snapshot is not None else {}
         # fold in float32 while the module still has its load dtype, then cast once
         fold_core(index, core)
         setattr(module, _FOLDED_ATTR, True)
         if dtype is not None:
-            module.to(dtype)
-            _sync_backend_placement(backend, dtype=dtype)
+            backend.to(dtype=dtype)
             index = ParamIndex(module)  # .to() may have replaced tensors
         names = list(snapshot.skill_names()) if snapshot is not None else []
         residuals = {n: snapshot.residuals(n) for n in names}
@@ -100,9 +94,8 @@ class PolicyRuntime:
             g for g in range(1, len(names) + 1)
             if self._side is None or any(k in self._side.fallback_keys
                                          for k in self.bank.touched(g))}
-        self._lock = threading.Lock()  # weights and row bindings are shared state
-        self._low = np.asarray(backend.spec.action_low, dtype=np.float32)
-        self._high = np.asarray(backend.spec.action_high, dtype=np.float32)
+        self._lock = threading.Lock()  # weights, row bindings and capture hooks are shared state
+        self._guard = ActionGuard(backend.spec)
 
     # ---- introspection ----------------------------------------------------------------------
     @property
@@ -147,7 +140,24 @@ class PolicyRuntime:
         rows = [self.skill_index(s) for s in skills]
         with self._lock, torch.inference_mode():
             out = self._run(batch, rows)
-        return self._finish(out, skills)
+        return self._guard(out.detach().to("cpu", torch.float32).numpy(), skills)
+
+    def capture(self, batch: ObservationBatch, module_keys: Sequence[str],
+                skill: str | None = None) -> dict[str, torch.Tensor]:
+        """Routing features: {key: float32 (N, in) CPU}, the input of the module owning each key
+        (a weight key such as ``...v_proj.weight`` or a module path) while ``batch`` runs with
+        ``skill``'s residuals (None = ``base + core``); N = rows x tokens of ``batch`` only.
+
+        Hooks are registered, the forward runs and the hooks are removed under the inference
+        lock, so no other request's forward can pass through them. The actions are discarded.
+        ``StateError`` for an unknown skill or a module the forward never called."""
+        if len(batch) == 0:
+            raise InputError("capture: empty batch")
+        rows = [self.skill_index(skill)] * len(batch)
+        cap = InputCapture(self.backend.module, module_keys)
+        with self._lock, torch.inference_mode(), cap:
+            self._run(batch, rows)
+        return cap.result()
 
     def _run(self, batch: ObservationBatch, rows: list[int]) -> torch.Tensor:
         distinct = set(rows)
@@ -205,21 +215,6 @@ class PolicyRuntime:
 
     def _predict(self, batch: ObservationBatch) -> torch.Tensor:
         return self.backend.predict(batch)
-
-    def _finish(self, out: torch.Tensor, skills: list[str | None]) -> np.ndarray:
-        spec = self.spec
-        want = (len(skills), spec.chunk_length, spec.action_dim)
-        if tuple(out.shape) != want:
-            raise RuntimeError(f"backend returned actions of shape {tuple(out.shape)}, "
-                               f"expected {want}")
-        y = out.detach().to("cpu", torch.float32).numpy().copy()
-        bad = ~np.isfinite(y).reshape(len(skills), -1).all(axis=1)
-        if bad.any():
-            rows = np.flatnonzero(bad).tolist()
-            raise RuntimeError(f"non-finite actions for batch rows {rows} "
-                               f"(skills {[skills[i] for i in rows]}); nothing was returned")
-        np.clip(y, self._low, self._high, out=y)
-        return y
 
     def close(self) -> None:
         """Unmerge any fused skill and remove the side-path wrappers (weights: ``base + core``)."""

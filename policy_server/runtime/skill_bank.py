@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from policy_server.errors import StateError
-from policy_server.merge.entries import Dense, LowRank, Masked, ResidualEntry
+from policy_server.tensors.entries import Dense, LowRank, Masked, ResidualEntry
 
 CORE = 0  #: global skill index of "no skill" (core-only rows)
 

@@ -10,6 +10,8 @@ import hmac
 from pathlib import Path
 
 import grpc
+from carve_client.auth import TokenError
+from carve_client.auth import read_token_file as _read_token_file
 
 from policy_server.errors import InputError
 
@@ -17,14 +19,12 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def read_token_file(path: str | Path) -> str:
-    """The token is the file's content without surrounding whitespace; an empty file is refused."""
+    """The token of ``--auth-token-file``: the file's content without surrounding whitespace (the
+    clients' reader); an unreadable or empty file is an InputError (exit code 2)."""
     try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise InputError(f"cannot read auth token file {path}: {e.strerror}") from None
-    if not token:
-        raise InputError(f"auth token file {path} is empty")
-    return token
+        return _read_token_file(path)
+    except TokenError as e:
+        raise InputError(str(e)) from None
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):

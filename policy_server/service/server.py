@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import grpc
+from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
+from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from policy_server.service.auth import TokenAuthInterceptor
-from policy_server.service.gen.carve.policy.v1 import policy_pb2 as pb
-from policy_server.service.gen.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 from policy_server.service.servicer import EngineHolder, PolicyServicer
 
 log = logging.getLogger("carve.server")
@@ -29,7 +29,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 @dataclass
 class ServerConfig:
-    """Network settings. Keepalive values must be matched by clients (see clients/client.py)."""
+    """Network settings. Keepalive values must be matched by clients (see carve_client/channel.py)."""
 
     host: str = "127.0.0.1"
     port: int = 50051               # 0 picks a free port

@@ -2,7 +2,7 @@
 
 Every error is a typed gRPC status whose message names the offending field (never a bare "error"
 string, never a pickled payload). Actions leaving the server are finite and clipped to the model's
-declared bounds.
+declared bounds by the engine (the runtime's one ``ActionGuard``); the transport does not re-check.
 """
 
 from __future__ import annotations
@@ -14,11 +14,7 @@ import uuid
 
 import grpc
 import numpy as np
-
-from policy_server import __version__
-from policy_server.errors import InputError, StateError
-from policy_server.models.base import ObservationBatch
-from policy_server.service.codec import (
+from carve_client.codec import (
     WireError,
     decision_to_proto,
     decode_image,
@@ -26,8 +22,13 @@ from policy_server.service.codec import (
     encode_tensor,
     spec_to_proto,
 )
-from policy_server.service.gen.carve.policy.v1 import policy_pb2 as pb
-from policy_server.service.gen.carve.policy.v1 import policy_pb2_grpc as pb_grpc
+from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
+from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
+
+from policy_server import __version__
+from policy_server.errors import (BatcherClosed, BatcherFull, InputError, NonFiniteActions,
+                                   StateError)
+from policy_server.models.base import ObservationBatch
 
 log = logging.getLogger("carve.service")
 
@@ -119,7 +120,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         if not start.instruction.strip():
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "start.instruction: empty (give an instruction or a skill id)")
-        decision = engine.route(start.instruction, first_obs)
+        decision = self._engine_call(context, "routing", engine.route, start.instruction,
+                                     first_obs)
         dproto = decision_to_proto(decision)
         if not decision.abstained:
             return decision.skill, dproto, False
@@ -198,10 +200,18 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 inference_ms=(time.perf_counter() - t0) * 1e3))
 
     def _infer(self, engine, obs, skill, context) -> np.ndarray:
-        from policy_server.runtime import BatcherClosed, BatcherFull
+        return np.asarray(self._engine_call(context, "inference", engine.infer, obs, skill),
+                          dtype=np.float32)
 
+    @staticmethod
+    def _engine_call(context, what: str, fn, *args):
+        """``fn(*args)`` with the engine's errors mapped to statuses (routing reads the model
+        through the same batcher as inference, so both can meet overload and shutdown)."""
         try:
-            actions = np.asarray(engine.infer(obs, skill), dtype=np.float32)
+            return fn(*args)
+        except NonFiniteActions as e:
+            context.abort(grpc.StatusCode.INTERNAL, f"the policy produced NaN/inf actions; "
+                          f"nothing was sent to the robot ({e})")
         except BatcherFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}")
         except BatcherClosed:
@@ -211,14 +221,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         except StateError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except Exception as e:  # noqa: BLE001 - report, never leak a bare "error"
-            log.exception("inference failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(e).__name__}: {e}")
-        spec = engine.spec
-        if not np.all(np.isfinite(actions)):
-            context.abort(grpc.StatusCode.INTERNAL, "the policy produced NaN/inf actions; "
-                          "nothing was sent to the robot")
-        return np.clip(actions, np.asarray(spec.action_low, np.float32),
-                       np.asarray(spec.action_high, np.float32))
+            log.exception("%s failed", what)
+            context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(e).__name__}: {e}")
 
     def ListSkills(self, request, context):
         engine = self._engine(context)
@@ -239,7 +243,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             except WireError as e:
                 context.abort(e.code, str(e))
             obs.instructions = [request.instruction]
-        return decision_to_proto(engine.route(request.instruction, obs))
+        return decision_to_proto(self._engine_call(context, "routing", engine.route,
+                                                   request.instruction, obs))
 
     def ServerInfo(self, request, context):
         engine = self._engine(context)

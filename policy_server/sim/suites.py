@@ -1,4 +1,5 @@
-"""Meta-World task suites, one written instruction per task (like LIBERO's suites).
+"""Meta-World task suites; each task's written instruction lives in ``clients.sim.metaworld_tasks``
+(shared with the Meta-World client) and is re-exported here.
 
 ``BASE_TASKS`` pretrain the base demo VLA; each ``EXPERT_SUITES`` entry is one skill expert's
 fine-tuning set. Suites are disjoint from each other and from the base. Every task here is one the
@@ -13,28 +14,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from clients.sim import metaworld_tasks as _tasks
+from clients.sim.metaworld_tasks import INSTRUCTIONS, all_tasks  # noqa: F401  (re-exported)
 from policy_server.errors import InputError
-
-INSTRUCTIONS: dict[str, str] = {
-    # base (pretraining) tasks
-    "reach-v3": "reach the red goal point with the gripper",
-    "push-v3": "push the puck to the goal",
-    "drawer-open-v3": "open the drawer",
-    "door-open-v3": "open the door by its handle",
-    # expert suites
-    "button-press-topdown-v3": "press the button from the top",
-    "button-press-v3": "press the button from the front",
-    "coffee-button-v3": "push the button on the coffee machine",
-    "window-open-v3": "slide the window open",
-    "window-close-v3": "slide the window closed",
-    "faucet-open-v3": "turn the faucet handle to open it",
-    "faucet-close-v3": "turn the faucet handle to close it",
-    "drawer-close-v3": "push the drawer closed",
-    "handle-press-v3": "press the handle down",
-    "plate-slide-v3": "slide the plate into the goal",
-    "reach-wall-v3": "reach over the wall to the goal point",
-    "button-press-wall-v3": "press the button behind the wall",
-}
+from policy_server.sim import input_errors
 
 BASE_TASKS: list[str] = ["reach-v3", "push-v3", "drawer-open-v3", "door-open-v3"]
 
@@ -97,11 +80,4 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def instruction_for(task: str) -> str:
-    if task not in INSTRUCTIONS:
-        raise InputError(f"no instruction for task {task!r}; known: {sorted(INSTRUCTIONS)}")
-    return INSTRUCTIONS[task]
-
-
-def all_tasks() -> list[str]:
-    return list(INSTRUCTIONS)
+instruction_for = input_errors()(_tasks.instruction_for)

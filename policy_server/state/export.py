@@ -47,9 +47,13 @@ from pathlib import Path
 
 import torch
 
+from policy_server.base_check import check_base
 from policy_server.errors import InputError, StateError
-from policy_server.merge.checkpoint import CheckpointWriter, open_checkpoint
-from policy_server.merge.entries import Dense, LowRank, Masked, skill_delta
+from policy_server.progress import progress as progress_bar
+from policy_server.state.store import StateStore
+from policy_server.tensors.checkpoint import CheckpointWriter, open_checkpoint
+from policy_server.tensors.durable import fsync_file
+from policy_server.tensors.entries import Dense, LowRank, Masked, skill_delta
 
 FORMATS = ("full", "peft")
 DENSE_MODES = ("modules_to_save", "fold", "error")
@@ -58,8 +62,6 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def _open_snapshot(state_dir, version, skill):
-    from policy_server.state.store import StateStore
-
     store = StateStore(state_dir)
     if not store.exists():
         raise StateError(f"state {state_dir}: no merge state here (no CURRENT version)")
@@ -70,24 +72,9 @@ def _open_snapshot(state_dir, version, skill):
     return snap
 
 
-def _check_base(snap, base, base_dir) -> None:
-    want = (snap.manifest.get("base") or {}).get("fingerprint")
-    if want != base.fingerprint():
-        raise StateError(f"base {base_dir} (fingerprint {base.fingerprint()[:12]}) is not the base "
-                         f"of this state (fingerprint {str(want)[:12]})")
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists (pass overwrite=True / --overwrite)")
-
-
-def _progress(it, enabled: bool, desc: str, total: int):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, total=total, unit="tensor", dynamic_ncols=True)
 
 
 def _write_folded(base, core, out: Path, template, dense_extra: dict, progress: bool,
@@ -102,7 +89,7 @@ def _write_folded(base, core, out: Path, template, dense_extra: dict, progress: 
     with CheckpointWriter(out, max_shard_bytes=max_shard_bytes, template_dir=template,
                           overwrite=overwrite, metadata=metadata) as w:
         keys = base.keys()
-        for key in _progress(keys, progress, desc, len(keys)):
+        for key in progress_bar(keys, progress, desc, len(keys)):
             b = base.get(key)
             if not b.is_floating_point():
                 w.add(key, b)
@@ -121,12 +108,14 @@ def _write_folded(base, core, out: Path, template, dense_extra: dict, progress: 
 def export_skill(state_dir, skill: str, base_dir, out_dir, format: str = "full",
                  version: str | None = None, dense: str = "modules_to_save",
                  allow_pickle: bool = False, overwrite: bool = False, progress: bool = True,
-                 max_shard_bytes: int = 5 * 10**9) -> dict:
+                 max_shard_bytes: int = 5 * 10**9, allow_base_mismatch: bool = False) -> dict:
     """Export ``skill`` of the merge state (``version``, default current); see the module doc.
 
     Returns a report: out, format, version, skill, tensors (counts), wall_s. All checks (state,
     skill, base fingerprint, output path, entry kinds for peft) happen before anything is written;
-    outputs are published atomically (a crash leaves no partial ``out_dir``).
+    outputs are published atomically (a crash leaves no partial ``out_dir``). A base whose
+    fingerprint is not the recorded one (or a state recording none) is a StateError unless
+    ``allow_base_mismatch`` (CLI ``--allow-base-mismatch``), which logs a warning instead.
     """
     t0 = time.perf_counter()
     if format not in FORMATS:
@@ -138,7 +127,8 @@ def export_skill(state_dir, skill: str, base_dir, out_dir, format: str = "full",
     _check_out(out, overwrite)
     snap = _open_snapshot(state_dir, version, skill)
     base = open_checkpoint(base_dir, allow_pickle=allow_pickle)
-    _check_base(snap, base, base_dir)
+    check_base(snap.manifest, base.fingerprint(), base_dir,
+               f"state {state_dir} version {snap.version}", allow_mismatch=allow_base_mismatch)
     template = Path(base_dir) if Path(base_dir).is_dir() else None
     core = snap.core()
     residuals = snap.residuals(skill)
@@ -159,8 +149,10 @@ def export_skill(state_dir, skill: str, base_dir, out_dir, format: str = "full",
                         progress, max_shard_bytes, state_dir, meta, t0)
 
 
-def _export_peft(snap, skill, base, core, residuals, out: Path, template, dense, overwrite,
-                 progress, max_shard_bytes, state_dir, meta, t0) -> dict:
+def _peft_entries(skill: str, base, residuals: dict, dense: str) -> tuple[dict, dict]:
+    """The skill's LoRA-able (low-rank) and dense entries; InputError when peft cannot express
+    the skill (masks, low-rank entries without a LoRA module, dense entries with dense='error',
+    nothing low-rank at all)."""
     masked = sorted(k for k, e in residuals.items() if isinstance(e, Masked))
     if masked:
         raise InputError(f"skill {skill!r} has masked entries (e.g. {masked[0]!r}; {len(masked)} "
@@ -181,62 +173,79 @@ def _export_peft(snap, skill, base, core, residuals, out: Path, template, dense,
         raise InputError(f"skill {skill!r} has no low-rank residuals to export as LoRA "
                          f"(it runs as base + core{' + dense residuals' if dense_e else ''}); "
                          f"use --format full")
+    return lowrank, dense_e
 
+
+def _adapter_tensors(base, core, lowrank: dict, dense_e: dict, dense: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, int], bool, set[str]]:
+    """PEFT adapter state dict -> (tensors, {module: rank}, lora_bias used, modules_to_save)."""
+    sd: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for k in sorted(lowrank):
+        e = lowrank[k]
+        mod = k[: -len(".weight")]
+        ranks[mod] = e.rank
+        P, Q = e.P.float().contiguous(), e.Q.float().contiguous()
+        if _EMBED_RE.search(mod):
+            # PEFT embedding LoRA: delta = (B @ A)^T with A (r, vocab), B (dim, r)
+            sd[f"{_PEFT_PREFIX}{mod}.lora_embedding_A"] = P.T.contiguous()
+            sd[f"{_PEFT_PREFIX}{mod}.lora_embedding_B"] = Q.T.contiguous()
+        else:
+            sd[f"{_PEFT_PREFIX}{mod}.lora_A.weight"] = Q
+            sd[f"{_PEFT_PREFIX}{mod}.lora_B.weight"] = P
+    # A dense bias residual of a LoRA-targeted Linear is exactly PEFT's ``lora_bias``
+    # (``lora_B.bias``, added times scaling = 1 to the base bias); it must not go through
+    # modules_to_save, since PEFT cannot wrap one module both ways.
+    lora_bias = {} if dense != "modules_to_save" else {
+        k[: -len(".bias")]: e.D for k, e in dense_e.items()
+        if k.endswith(".bias") and k[: -len(".bias")] in ranks
+        and not _EMBED_RE.search(k[: -len(".bias")])}
+    for mod, D in lora_bias.items():
+        sd[f"{_PEFT_PREFIX}{mod}.lora_B.bias"] = D.float().contiguous()
+    saved_modules: set[str] = set()
+    if dense == "modules_to_save":
+        for k in sorted(dense_e):
+            if k.endswith(".bias") and k[: -len(".bias")] in lora_bias:
+                continue
+            b = base.get(k)
+            full = skill_delta(core.get(k), dense_e[k], tuple(b.shape))
+            sd[f"{_PEFT_PREFIX}{k}"] = (b.float() + full).to(b.dtype).contiguous()
+            saved_modules.add(k.rsplit(".", 1)[0])
+    return sd, ranks, bool(lora_bias), saved_modules
+
+
+def _adapter_config(final_base: Path, ranks: dict[str, int], lora_bias: bool,
+                    saved_modules: set[str]) -> dict:
+    """adapter_config.json: r = the largest rank, alpha = r per module, so PEFT's scaling is 1."""
+    r = max(ranks.values()) if ranks else 1
+    pattern = {m: rk for m, rk in ranks.items() if rk != r}
+    return {
+        "peft_type": "LORA", "task_type": None,
+        "base_model_name_or_path": str(final_base),
+        "r": r, "lora_alpha": r,  # alpha = r (and alpha_pattern = rank_pattern): scaling 1
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "init_lora_weights": True, "lora_bias": lora_bias,
+        "modules_to_save": sorted(saved_modules) or None,
+    }
+
+
+def _export_peft(snap, skill, base, core, residuals, out: Path, template, dense, overwrite,
+                 progress, max_shard_bytes, state_dir, meta, t0) -> dict:
+    lowrank, dense_e = _peft_entries(skill, base, residuals, dense)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        final_base = out.resolve() / "base_with_core"
         fold = {k: e.D for k, e in dense_e.items()} if dense == "fold" else {}
         _write_folded(base, core, staging / "base_with_core", template, fold, progress,
                       f"base+core ({skill})" if fold else "base+core", max_shard_bytes, False,
                       metadata=meta)
-        sd: dict[str, torch.Tensor] = {}
-        ranks: dict[str, int] = {}
-        for k in sorted(lowrank):
-            e = lowrank[k]
-            mod = k[: -len(".weight")]
-            ranks[mod] = e.rank
-            P, Q = e.P.float().contiguous(), e.Q.float().contiguous()
-            if _EMBED_RE.search(mod):
-                # PEFT embedding LoRA: delta = (B @ A)^T with A (r, vocab), B (dim, r)
-                sd[f"{_PEFT_PREFIX}{mod}.lora_embedding_A"] = P.T.contiguous()
-                sd[f"{_PEFT_PREFIX}{mod}.lora_embedding_B"] = Q.T.contiguous()
-            else:
-                sd[f"{_PEFT_PREFIX}{mod}.lora_A.weight"] = Q
-                sd[f"{_PEFT_PREFIX}{mod}.lora_B.weight"] = P
-        # A dense bias residual of a LoRA-targeted Linear is exactly PEFT's ``lora_bias``
-        # (``lora_B.bias``, added times scaling = 1 to the base bias); it must not go through
-        # modules_to_save, since PEFT cannot wrap one module both ways.
-        lora_bias = {} if dense != "modules_to_save" else {
-            k[: -len(".bias")]: e.D for k, e in dense_e.items()
-            if k.endswith(".bias") and k[: -len(".bias")] in ranks
-            and not _EMBED_RE.search(k[: -len(".bias")])}
-        for mod, D in lora_bias.items():
-            sd[f"{_PEFT_PREFIX}{mod}.lora_B.bias"] = D.float().contiguous()
-        saved_modules: set[str] = set()
-        if dense == "modules_to_save":
-            for k in sorted(dense_e):
-                if k.endswith(".bias") and k[: -len(".bias")] in lora_bias:
-                    continue
-                b = base.get(k)
-                full = skill_delta(core.get(k), dense_e[k], tuple(b.shape))
-                sd[f"{_PEFT_PREFIX}{k}"] = (b.float() + full).to(b.dtype).contiguous()
-                saved_modules.add(k.rsplit(".", 1)[0])
+        sd, ranks, lora_bias, saved_modules = _adapter_tensors(base, core, lowrank, dense_e, dense)
         from safetensors.torch import save_file
 
         save_file(sd, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-        r = max(ranks.values()) if ranks else 1
-        pattern = {m: rk for m, rk in ranks.items() if rk != r}
-        cfg = {
-            "peft_type": "LORA", "task_type": None,
-            "base_model_name_or_path": str(final_base),
-            "r": r, "lora_alpha": r,  # alpha = r (and alpha_pattern = rank_pattern): scaling 1
-            "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-            "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-            "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
-            "init_lora_weights": True, "lora_bias": bool(lora_bias),
-            "modules_to_save": sorted(saved_modules) or None,
-        }
+        cfg = _adapter_config(out.resolve() / "base_with_core", ranks, lora_bias, saved_modules)
         (staging / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         info = {"state": str(Path(state_dir).resolve()), "version": snap.version, "skill": skill,
                 "dense": dense, "lowrank_modules": len(ranks),
@@ -244,8 +253,7 @@ def _export_peft(snap, skill, base, core, residuals, out: Path, template, dense,
                 "skill_record": snap.skill(skill)}
         (staging / "carve_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
         for f in (staging / "adapter_model.safetensors", staging / "adapter_config.json"):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
         if out.exists():
             shutil.rmtree(out)
         os.rename(staging, out)
@@ -253,5 +261,6 @@ def _export_peft(snap, skill, base, core, residuals, out: Path, template, dense,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"out": str(out), "format": "peft", "version": snap.version, "skill": skill,
-            "lora_modules": len(ranks), "r": r, "dense": {"mode": dense, "tensors": len(dense_e)},
+            "lora_modules": len(ranks), "r": cfg["r"],
+            "dense": {"mode": dense, "tensors": len(dense_e)},
             "wall_s": time.perf_counter() - t0}

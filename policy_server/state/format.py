@@ -1,6 +1,6 @@
 """The merge-state manifest: schema version, validation and storage accounting.
 
-The manifest is the one JSON file that describes a version (docs/STATE_FORMAT.md). The engine
+The manifest is the one JSON file that describes a version (docs/STATE_FORMAT.md). The admission
 fills ``base``, ``method``, ``store_dtype`` and the skill records; the store fills ``version``,
 ``parent``, ``created``, ``files`` and ``storage``.
 """

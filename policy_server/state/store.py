@@ -19,26 +19,30 @@ from __future__ import annotations
 import copy
 import fcntl
 import json
+import math
 import os
 import re
-import math
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from policy_server.dtypes import DTYPES
 from policy_server.errors import InputError, IntegrityError, StateError
-from policy_server.merge.entries import Dense, LowRank, Masked, ResidualEntry
-from policy_server.state import tensor_io as tio
+from policy_server.naming import check_skill_name
+from policy_server.progress import progress as progress_bar
+from policy_server.state import entry_codec
 from policy_server.state.format import (
     FORMAT_VERSION,
     check_manifest,
     new_manifest,
     storage_accounting,
 )
+from policy_server.tensors import durable
+from policy_server.tensors.entries import Dense, LowRank, Masked, ResidualEntry
+from policy_server.tensors.safetensors_io import LazyTensors, load_tensors, save_tensors_durable
 
-SKILL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 CORE_FILE = "core.safetensors"
 AUX_FILE = "state_aux.safetensors"
@@ -49,21 +53,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-_test_pause = tio.test_pause  # CARVE_TEST_PAUSE_AT=<stage> hook (see tensor_io.test_pause)
-
-
 def check_version_id(version: str) -> str:
     """A version id is ``v`` + at least 6 digits; anything else (``../x``) is refused early."""
     if not isinstance(version, str) or not VERSION_RE.match(version):
         raise InputError(f"invalid version id {version!r}: expected e.g. 'v000003'")
     return version
-
-
-def check_skill_name(name: str) -> str:
-    if not isinstance(name, str) or not SKILL_NAME_RE.match(name):
-        raise InputError(f"invalid skill name {name!r}: use letters, digits, '_', '.', '-' "
-                         "(starting with a letter or digit, at most 128 characters)")
-    return name
 
 
 class StateSnapshot:
@@ -88,16 +82,16 @@ class StateSnapshot:
 
     def _load(self, rel: str) -> dict[str, torch.Tensor]:
         # a file the manifest lists must exist; one it does not list reads as empty
-        return tio.load_tensors(self.path / rel, required=rel in self.manifest.get("files", {}))
+        return load_tensors(self.path / rel, required=rel in self.manifest.get("files", {}))
 
     def core(self, lazy: bool = False):
         """Dense core delta per checkpoint key: tensor of the base's shape, store dtype.
-        ``lazy=True`` returns a ``tensor_io.LazyTensors`` that loads one tensor per ``pop``/``get``
+        ``lazy=True`` returns a ``tensors.safetensors_io.LazyTensors`` that loads one tensor per ``pop``/``get``
         (for callers that walk a large core tensor by tensor)."""
         if lazy:
             if CORE_FILE in self.manifest.get("files", {}) and not (self.path / CORE_FILE).exists():
                 raise IntegrityError(f"{self.path / CORE_FILE}: listed in the manifest but missing")
-            return tio.LazyTensors(self.path / CORE_FILE)
+            return LazyTensors(self.path / CORE_FILE)
         return self._load(CORE_FILE)
 
     def aux(self) -> dict[str, torch.Tensor]:
@@ -110,9 +104,9 @@ class StateSnapshot:
         rel = f"skills/{name}.safetensors"
         tensors = rec.get("tensors", {})
         # a skill with entries must have its file: never silently serve it as core-only
-        flat = tio.load_tensors(self.path / rel,
+        flat = load_tensors(self.path / rel,
                                 required=bool(tensors) or rel in self.manifest.get("files", {}))
-        return tio.decode_entries(flat, tensors, str(self.path / rel))
+        return entry_codec.decode_entries(flat, tensors, str(self.path / rel))
 
     def skill_artifacts(self, name: str) -> dict[str, torch.Tensor]:
         """Router data stored with the skill (empty dict when none)."""
@@ -232,9 +226,9 @@ class Transaction:
 
     def _dtype(self) -> torch.dtype:
         name = self.manifest.get("store_dtype", "float32")
-        if name not in tio.DTYPES:
-            raise InputError(f"unsupported store dtype {name!r}; use one of {sorted(tio.DTYPES)}")
-        return tio.DTYPES[name]
+        if name not in DTYPES:
+            raise InputError(f"unsupported store dtype {name!r}; use one of {sorted(DTYPES)}")
+        return DTYPES[name]
 
     def write_core(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the whole core: checkpoint key -> dense delta of the base tensor's shape (any
@@ -246,14 +240,14 @@ class Transaction:
             if want is not None and [int(x) for x in v.shape] != want:
                 raise InputError(f"core tensor {k!r}: shape {list(v.shape)} != base shape {want}")
             self._check_finite(v, f"core tensor {k!r}")
-        tio.save_tensors_durable({k: v.detach().to(dt).cpu() for k, v in tensors.items()},
+        save_tensors_durable({k: v.detach().to(dt).cpu() for k, v in tensors.items()},
                                  self.staging / CORE_FILE)
         self._rewritten.add(CORE_FILE)
 
     def write_aux(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the method's carried state (stored as given: counts stay integers)."""
         self._check_open()
-        tio.save_tensors_durable({k: v.detach().cpu() for k, v in tensors.items()},
+        save_tensors_durable({k: v.detach().cpu() for k, v in tensors.items()},
                                  self.staging / AUX_FILE)
         self._rewritten.add(AUX_FILE)
 
@@ -271,14 +265,14 @@ class Transaction:
         dt = self._dtype()
         shapes = {key: self._validate_entry(name, key, e) for key, e in entries.items()}
         rel = f"skills/{name}.safetensors"
-        tio.save_tensors_durable(tio.encode_entries(entries, dt), self.staging / rel)
+        save_tensors_durable(entry_codec.encode_entries(entries, dt), self.staging / rel)
         self._rewritten.add(rel)
         rec = copy.deepcopy(record)
         rec["name"] = name
         tensors = rec.setdefault("tensors", {})
         for key, e in entries.items():
             r = tensors.setdefault(key, {})
-            r["kind"] = tio.entry_kind(e)
+            r["kind"] = entry_codec.entry_kind(e)
             r["rank"] = e.rank if isinstance(e, LowRank) else None
             r.setdefault("rel_error", float(getattr(e, "rel_error", 0.0)))
             r["shape"] = shapes[key]
@@ -286,7 +280,7 @@ class Transaction:
             if key not in entries:
                 del tensors[key]
         rec["stored_params"] = int(sum(e.numel() for e in entries.values()))
-        rec["stored_bytes"] = int(sum(tio.entry_bytes(e, dt) for e in entries.values()))
+        rec["stored_bytes"] = int(sum(entry_codec.entry_bytes(e, dt) for e in entries.values()))
         old = [s for s in self.manifest.setdefault("skills", []) if s["name"] == name]
         skills = [s for s in self.manifest["skills"] if s["name"] != name]
         if "order" not in rec:
@@ -304,7 +298,7 @@ class Transaction:
         self._check_open()
         check_skill_name(name)
         rel = f"artifacts/{name}.safetensors"
-        tio.save_tensors_durable({k: v.detach().cpu() for k, v in tensors.items()},
+        save_tensors_durable({k: v.detach().cpu() for k, v in tensors.items()},
                                  self.staging / rel)
         self._rewritten.add(rel)
 
@@ -339,14 +333,14 @@ class Transaction:
                     and os.path.samefile(p, self.parent.path / rel)):
                 files[rel] = dict(old)
             else:
-                files[rel] = {"sha256": tio.sha256_file(p), "bytes": st.st_size}
+                files[rel] = {"sha256": durable.sha256_file(p), "bytes": st.st_size}
         return files
 
     def commit(self) -> str:
         """Finish the version and make it current. Returns its id (e.g. ``"v000004"``)."""
         self._check_open()
         if not (self.staging / CORE_FILE).exists():
-            tio.save_tensors_durable({}, self.staging / CORE_FILE)
+            save_tensors_durable({}, self.staging / CORE_FILE)
         m = self.manifest
         m["format_version"] = FORMAT_VERSION
         m["version"] = self.version_id
@@ -362,18 +356,18 @@ class Transaction:
         for p in (self.staging / "artifacts").glob("*.safetensors"):
             if p.stem not in names:  # router data nobody could route to: a caller bug
                 raise StateError(f"artifacts written for {p.stem!r}, which has no skill record")
-        _test_pause("files-written")
+        durable.test_pause("files-written")
         m["files"] = self._hash_files()
         m["storage"] = storage_accounting(m, self.staging)
         check_manifest(m, source=f"staged version {self.version_id}")
-        tio.write_bytes_durable(self.staging / MANIFEST,
+        durable.write_bytes_durable(self.staging / MANIFEST,
                                 json.dumps(m, indent=1, sort_keys=True).encode())
-        tio.fsync_dir(self.staging)
-        _test_pause("manifest-written")
+        durable.fsync_dir(self.staging)
+        durable.test_pause("manifest-written")
         final = self.store.versions_dir / self.version_id
         os.rename(self.staging, final)
-        tio.fsync_dir(self.store.versions_dir)
-        _test_pause("before-current")
+        durable.fsync_dir(self.store.versions_dir)
+        durable.test_pause("before-current")
         self.store._write_current(self.version_id)
         self._done = True
         return self.version_id
@@ -464,16 +458,13 @@ class StateStore:
                                      f"{rec['name']!r} has entries but {rel} is not recorded")
         root = self.versions_dir / version
         items = sorted(m.get("files", {}).items())
-        if progress:
-            from tqdm import tqdm
-
-            items = tqdm(items, desc=f"verify {version}", unit="file")
+        items = progress_bar(items, progress, f"verify {version}", len(items), unit="file")
         total = 0
         for rel, meta in items:
             p = root / rel
             if not p.is_file():
                 raise IntegrityError(f"state {self.path} version {version}: missing file {rel}")
-            if p.stat().st_size != meta["bytes"] or tio.sha256_file(p) != meta["sha256"]:
+            if p.stat().st_size != meta["bytes"] or durable.sha256_file(p) != meta["sha256"]:
                 raise IntegrityError(f"state {self.path} version {version}: {rel} does not match "
                                      "its recorded sha256 (corrupted or modified)")
             total += meta["bytes"]
@@ -496,7 +487,7 @@ class StateStore:
         return f"v{(max(nums, default=0) + 1):06d}"
 
     def _write_current(self, version: str) -> None:
-        tio.write_bytes_durable(self.path / "CURRENT", f"{version}\n".encode())
+        durable.write_bytes_durable(self.path / "CURRENT", f"{version}\n".encode())
 
     def transaction(self, message: str) -> Transaction:
         """``with store.transaction("admit x") as tx: ...`` stages and commits a new version."""
@@ -537,7 +528,7 @@ class StateStore:
                 if v not in keep_set:
                     os.rename(self.versions_dir / v, self.versions_dir / f".trash-{v}")
                     removed.append(v)
-            tio.fsync_dir(self.versions_dir)
+            durable.fsync_dir(self.versions_dir)
             for p in self.versions_dir.iterdir():
                 # under the lock no writer is live, so every staging dir belongs to a dead one
                 if p.name.startswith((".staging-", ".trash-")):
@@ -547,7 +538,7 @@ class StateStore:
             for p in self.path.glob(".CURRENT.tmp-*"):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
-            tio.fsync_dir(self.versions_dir)
+            durable.fsync_dir(self.versions_dir)
             return removed
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)

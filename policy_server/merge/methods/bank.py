@@ -12,7 +12,6 @@ from typing import ClassVar
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.entries import Dense
 from policy_server.merge.methods.base import (
     AdmitResult,
     MergeMethod,
@@ -20,6 +19,7 @@ from policy_server.merge.methods.base import (
     TensorState,
     register_method,
 )
+from policy_server.tensors.entries import Dense
 
 
 @dataclass

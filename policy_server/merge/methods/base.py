@@ -1,13 +1,18 @@
 """The merge-method interface and registry (one class per method, as in mergekit).
 
-Every method works per tensor, in float32, on task vectors ``tau = expert - base``. The engine
-streams tensors one at a time and hands each method what it needs:
+Every method works per tensor, in float32, on task vectors ``tau = expert - base``. The streams
+(``merge/stream.py``) read tensors one at a time and hand each method what it needs. A method's
+protocol is what it declares here, and nothing else is looked at:
 
-* continual methods (``continual = True``) implement :meth:`MergeMethod.admit_tensor`: admit one new
-  expert into the carried per-tensor state without any earlier expert (CARVE, expert bank, online
-  task arithmetic, MagMax, OPCM...);
-* one-shot methods implement :meth:`MergeMethod.merge_tensor` over all given experts (TIES, DARE,
-  TALL masks, TSV...). In a continual benchmark the engine re-merges them from the kept experts.
+* ``continual = True``: it implements :meth:`MergeMethod.admit_tensor`, admitting one new expert
+  into the carried per-tensor state without any earlier expert (CARVE, expert bank, online task
+  arithmetic, MagMax, OPCM...); :func:`fold_step` is the one way an admission is folded in;
+* ``one_shot`` (set automatically when a class overrides :meth:`MergeMethod.merge_tensor`): it
+  merges all given experts at once (TIES, DARE, TALL masks, TSV...);
+* ``per_skill``: it keeps per-skill parts, so a one-shot merge writes a state, not a checkpoint;
+* ``needs_observe_pass``: ``observe_tensor`` must see every tensor before the merge pass;
+* :attr:`MergeMethod.needs_residuals`: admissions re-fit earlier skills' residuals, so the stream
+  must load them (they cost memory, so only then).
 
 Options are a dataclass per method (``options_cls``); each field's ``metadata["help"]`` becomes a CLI
 flag ``--<field-name-with-dashes>``, so a method's knobs are documented in one place.
@@ -21,8 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from policy_server.errors import InputError
-from policy_server.merge.entries import ResidualEntry
+from policy_server.errors import InputError, StateError
+from policy_server.tensors.entries import ResidualEntry
 
 
 @dataclass
@@ -89,16 +94,32 @@ class MergeMethod:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     options_cls: ClassVar[type] = None  # a dataclass
+    #: True when the method implements ``admit_tensor`` (``carve admit`` accepts it).
     continual: ClassVar[bool] = False
+    #: True when the class implements ``merge_tensor``; derived, never set by hand.
+    one_shot: ClassVar[bool] = False
     #: True when the method keeps per-skill parts, so ``carve merge`` writes a state, not a checkpoint.
     per_skill: ClassVar[bool] = False
     #: True when merge_tensor needs statistics over all tensors first (e.g. TIES global trim);
-    #: the engine then calls ``observe_tensor`` on every tensor before the merge pass.
+    #: the stream then calls ``observe_tensor`` on every tensor before the merge pass. An
+    #: instance may narrow it from its options.
     needs_observe_pass: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # derived from the code itself, so the declaration can never disagree with it
+        cls.one_shot = cls.merge_tensor is not MergeMethod.merge_tensor
 
     def __init__(self, options=None, seed: int = 0):
         self.options = options if options is not None else self.options_cls()
         self.seed = seed
+
+    @property
+    def needs_residuals(self) -> bool:
+        """True when ``admit_tensor`` re-fits earlier skills' residuals (returned in
+        ``AdmitResult.updated``), so they must be in ``TensorState.residuals``. Default False:
+        the stream then hands an empty map and never loads earlier skills' files."""
+        return False
 
     # continual methods -------------------------------------------------------------------------
     def admit_tensor(self, ctx: TensorContext, tau: torch.Tensor, state: TensorState, t: int,
@@ -116,6 +137,29 @@ class MergeMethod:
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
+
+
+def fold_step(method: MergeMethod, ctx: TensorContext, tau: torch.Tensor, state: TensorState,
+              t: int, skill: str) -> tuple[AdmitResult, TensorState]:
+    """Admit ``tau`` (float32, ``ctx.shape``) as expert ``t`` named ``skill`` into ``state``.
+
+    The one fold of an admission, shared by every admission loop. Returns the method's result and
+    the state the next admission of this tensor starts from: the new core and aux, and the
+    residual map with the re-fits applied and ``skill``'s new entry in place of any old one
+    (dropped when the new entry is None). A re-fit of a skill that is not in ``state.residuals``
+    is a method bug: StateError naming the method, skill and tensor.
+    """
+    res = method.admit_tensor(ctx, tau, state, t, skill)
+    residuals = dict(state.residuals)
+    for name, entry in res.updated.items():
+        if name not in residuals:
+            raise StateError(f"method {method.name!r} re-fitted unknown skill {name!r} at "
+                             f"{ctx.name!r}")
+        residuals[name] = entry
+    residuals.pop(skill, None)
+    if res.entry is not None:
+        residuals[skill] = res.entry
+    return res, TensorState(core=res.core, aux=res.aux, residuals=residuals)
 
 
 METHODS: dict[str, type[MergeMethod]] = {}

@@ -1,7 +1,7 @@
 """CARVE: continual admission into a shared core plus low-rank per-skill residuals.
 
 Per tensor, admitting expert ``t`` (1-based) with task vector ``tau`` into core ``C`` (see
-``docs/CARVE.md`` and DESIGN.md section 3.1)::
+``docs/CARVE.md``)::
 
     m   = (sign(tau) == sign(C)) | (C == 0)     # concordance ("zero_core" decides C == 0)
     eta = 1/t                                    # or 1/(t+1), or per coordinate 1/(n_j + 1)
@@ -22,7 +22,6 @@ from typing import ClassVar
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.entries import Dense, LowRank, Masked, ResidualEntry
 from policy_server.merge.lowrank import should_store_dense, truncated_svd
 from policy_server.merge.methods.base import (
     AdmitResult,
@@ -31,6 +30,7 @@ from policy_server.merge.methods.base import (
     TensorState,
     register_method,
 )
+from policy_server.tensors.entries import Dense, LowRank, Masked, ResidualEntry
 
 RATES = ("1/t", "1/(t+1)", "count")
 ZERO_CORE = ("concordant", "discordant")
@@ -103,12 +103,17 @@ def concordance_mask(tau: torch.Tensor, core: torch.Tensor, zero_core: str = "co
 
 @register_method
 class CarveMethod(MergeMethod):
-    """CARVE admission (DESIGN.md 3.1); every unstated choice is a :class:`CarveOptions` knob."""
+    """CARVE admission (docs/CARVE.md); every unstated choice is a :class:`CarveOptions` knob."""
 
     name: ClassVar[str] = "carve"
     options_cls: ClassVar[type] = CarveOptions
     continual: ClassVar[bool] = True
     per_skill: ClassVar[bool] = True
+
+    @property
+    def needs_residuals(self) -> bool:
+        """Drift compensation re-fits earlier skills' residuals, so it needs them."""
+        return bool(self.options.drift_compensation)
 
     # ------------------------------------------------------------------ helpers
     def _eta(self, t: int, m: torch.Tensor, aux: dict[str, torch.Tensor]):

@@ -16,8 +16,8 @@ from policy_server.merge.methods.base import (
     MergeResult,
     TensorContext,
     TensorState,
+    fold_step,
 )
-
 
 
 def check_taus(method: str, ctx: TensorContext, taus: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -123,7 +123,7 @@ def stable_seed(*parts) -> int:
 
     Python's ``hash()`` is salted per process, so it cannot make results reproducible across runs;
     hashing (seed, tensor name, task index) makes every tensor's randomness independent of the
-    order in which the engine streams tensors.
+    order in which the stream reads tensors.
     """
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -137,19 +137,12 @@ def fold_admissions(method: MergeMethod, ctx: TensorContext, taus: Sequence[torc
     (``AdmitResult.updated``) applied, keyed by the synthetic skill names ``"0", "1", ...``.
     """
     state = TensorState()
-    entries: dict[str, object] = {}
     info: dict = {}
     for t, tau in enumerate(taus, start=1):
-        skill = str(t - 1)
-        res = method.admit_tensor(ctx, tau, state, t, skill)
-        entries[skill] = res.entry
-        for k, e in res.updated.items():
-            entries[k] = e
-        state = TensorState(core=res.core, aux=res.aux,
-                            residuals={k: e for k, e in entries.items() if e is not None})
+        res, state = fold_step(method, ctx, tau, state, t, str(t - 1))
         info = res.info
-    return MergeResult(core=state.core, entries=[entries[str(i)] for i in range(len(taus))],
-                       info=info)
+    return MergeResult(core=state.core,
+                       entries=[state.residuals.get(str(i)) for i in range(len(taus))], info=info)
 
 
 # ------------------------------------------------------------------------------------------------

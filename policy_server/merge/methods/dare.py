@@ -50,10 +50,11 @@ class DareOptions:
         "mergekit density = 1 - p)")})
     rescale: bool = field(default=True, metadata={"help": (
         "rescale kept entries by 1/(1-p) so the expected task vector is unchanged (DARE paper, "
-        "FusionBench rescale=true, mergekit always)")})
+        "FusionBench rescale=true; mergekit's rescale matches each tensor's L1 norm instead)")})
     combine: str = field(default="ta", metadata={"help": (
         "how the dropped task vectors are combined: 'ta' (lam * sum; mergekit dare_linear with "
-        "normalize false) or 'ties' (sign election + disjoint merge; mergekit dare_ties)")})
+        "normalize false) or 'ties' (sign election + disjoint merge; mergekit dare_ties sums "
+        "the agreeing values by default: add --merge-func sum)")})
     lam: float | None = field(default=None, metadata={"help": (
         "scaling of the combined task vector; default 0.3 with --combine ta, 1.0 with ties")})
     ties_density: float = field(default=1.0, metadata={"help": (

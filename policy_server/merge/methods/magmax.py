@@ -1,7 +1,8 @@
 """MagMax (Marczak et al., ECCV 2024, "MagMax: Leveraging Model Merging for Seamless Continual
 Learning"): per coordinate, keep the task-vector value of maximum magnitude.
 
-Offline: ``core = lam * tau_{argmax_i |tau_i|}`` per coordinate (the first expert wins a tie).
+Offline: ``core = lam * tau_{argmax_i |tau_i|}`` per coordinate (the first expert wins a tie;
+FusionBench and the reference code select with ``>=``, so there the later expert wins).
 Online (continual), only the current core is carried: with ``M_{t-1} = C_{t-1} / lam``::
 
     C_t = where(|tau_t| > |M_{t-1}|, lam * tau_t, C_{t-1})

@@ -20,7 +20,7 @@ vectors' norms. Admitting ``tau_t``:
   merged delta keeps the average task-vector norm.
 
 Difference to FusionBench: it measures the norms over the whole model (one scale for all
-tensors); a streaming per-tensor engine measures them per tensor. No per-skill entries.
+tensors); the per-tensor stream measures them per tensor. No per-skill entries.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from policy_server.merge.entries import Dense, Masked
 from policy_server.merge.methods.base import (
     MergeMethod,
     MergeResult,
@@ -36,6 +35,7 @@ from policy_server.merge.methods.common import (
     check_taus,
     matches_any,
 )
+from policy_server.tensors.entries import Dense, Masked
 
 
 def tall_masks(taus: torch.Tensor, tau_mtl: torch.Tensor, lam: float) -> torch.Tensor:

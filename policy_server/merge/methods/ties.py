@@ -84,8 +84,8 @@ def elect_sign(trimmed: torch.Tensor, consensus: str) -> torch.Tensor:
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
     """Combine the entries of ``trimmed`` (N, ...) whose sign agrees with ``sign`` (...).
 
-    A coordinate whose elected sign is 0 merges to 0 (as in mergekit; FusionBench replaces a zero
-    elected sign by the sign of the whole vector's total mass).
+    A coordinate whose elected sign is 0 merges to 0 (mergekit elects with ``sum >= 0``, so there a
+    tie elects +; FusionBench replaces a zero elected sign by the majority of the elected signs).
     """
     agree = (torch.sign(trimmed) == sign.unsqueeze(0)) & (sign != 0).unsqueeze(0)
     kept = trimmed * agree
@@ -136,7 +136,7 @@ class Ties(MergeMethod):
     options_cls = TiesOptions
     continual = False
     per_skill = False
-    # Class-level True so an engine that only looks at the class still runs the pass; each
+    # Class-level True so a caller that only looks at the class still runs the pass; each
     # instance overrides it with what its options need (only the global trim needs it).
     needs_observe_pass = True
 

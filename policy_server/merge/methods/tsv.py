@@ -75,7 +75,7 @@ class TsvOptions:
         "default 1/N for N experts, as in the paper")})
     mean_patterns: list[str] = field(default_factory=list, metadata={"help": (
         "glob patterns of 2-D checkpoint keys merged by the plain mean instead (the reference "
-        "code does this for CLIP's text_projection; FusionBench's exclude_keys)")})
+        "code does this for CLIP's text_projection; FusionBench's exclude_keys); default: none")})
 
     def __post_init__(self):
         self.lam = check_float("tsv", "lam", self.lam)

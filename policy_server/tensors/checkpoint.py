@@ -2,8 +2,8 @@
 
 A checkpoint is a directory holding ``model.safetensors`` or ``model.safetensors.index.json`` plus
 its shards (a direct path to one ``.safetensors`` file is accepted too). Only the safetensors
-headers are parsed up front; :meth:`CheckpointReader.get` memory-maps and copies a single tensor,
-so merging a 7B model never holds more than a few tensors in RAM.
+headers are parsed up front; :meth:`CheckpointReader.get` reads a single tensor into an owned
+buffer, so merging a 7B model never holds more than a few tensors in RAM.
 
 Pickle checkpoints (``pytorch_model.bin``, ``*.pt``, ``*.pth``) can execute code when loaded, so
 they are refused unless the caller opts in with ``allow_pickle=True`` (CLI ``--allow-pickle``); even
@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +24,12 @@ from pathlib import Path
 import torch
 
 from policy_server.errors import InputError
+from policy_server.tensors.durable import fsync_dir, fsync_file
+from policy_server.tensors.safetensors_io import (
+    read_safetensors_header,
+    read_tensor_at,
+    safetensors_index,
+)
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -34,91 +39,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 #: file names/suffixes that are weights (never copied from a template directory)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _MIB = 1 << 20
-#: a safetensors header larger than this is treated as corrupt rather than read into memory
-_MAX_HEADER_BYTES = 100 * _MIB
-
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
 
 
-def _read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Parse a safetensors header without loading data: {key: (shape, dtype)}.
-
-    Checks that every tensor's byte range lies inside the file, so a truncated download is caught
-    here with the file's name instead of as a segfault-like error deep inside a merge.
-    """
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise InputError(f"{file}: not a safetensors file (shorter than its 8-byte header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > _MAX_HEADER_BYTES or 8 + n > size:
-                raise InputError(f"{file}: corrupt safetensors header (declared length {n}, "
-                                 f"file size {size})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except OSError as e:
-        raise InputError(f"{file}: cannot read ({e.strerror or e})") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{file}: corrupt safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise InputError(f"{file}: corrupt safetensors header (not a JSON object)")
-    data_len = size - 8 - n
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype_s, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{file}: corrupt safetensors header entry for tensor {key!r}") from e
-        if dtype_s not in _ST_DTYPES:
-            raise InputError(f"{file}: tensor {key!r} has unsupported dtype {dtype_s}")
-        if not (0 <= begin <= end <= data_len):
-            raise InputError(f"{file}: tensor {key!r} lies outside the file (offsets {begin}..{end}, "
-                             f"data section {data_len} bytes): truncated or corrupt file")
-        out[key] = (tuple(int(s) for s in shape), _ST_DTYPES[dtype_s])
-    return out
-
-
-def safetensors_index(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
-    """{key: (shape, dtype, absolute byte offset, byte length)} of a safetensors file, validated
-    like :func:`_read_safetensors_header`."""
-    meta = _read_safetensors_header(file)
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n).decode("utf-8"))
-    return {k: (shape, dtype, 8 + n + header[k]["data_offsets"][0],
-                header[k]["data_offsets"][1] - header[k]["data_offsets"][0])
-            for k, (shape, dtype) in meta.items()}
-
-
-def read_tensor_at(fd: int, offset: int, nbytes: int, shape: tuple[int, ...],
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Read one tensor's bytes with ``os.preadv`` into a fresh buffer (thread-safe, no mmap).
-
-    Reading instead of memory-mapping keeps a streaming merge's resident memory at the tensors it
-    holds: mapped pages of a multi-GB checkpoint would otherwise stay resident (and count in RSS)
-    long after each tensor was copied out.
-    """
-    buf = bytearray(nbytes)
-    got = os.preadv(fd, [buf], offset) if nbytes else 0
-    if got != nbytes:
-        raise InputError(f"short read: {got} of {nbytes} bytes at offset {offset}")
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def _file_digest(file: Path, h) -> None:
+def file_digest(file: Path, h) -> None:
     """Feed size + first and last MiB of ``file`` into hash ``h`` (cheap identity check)."""
     size = file.stat().st_size
     h.update(f"{file.name}:{size}\n".encode())
@@ -221,7 +144,7 @@ class CheckpointReader:
                 shape, dtype = self._meta[key]
                 h.update(f"{key}|{list(shape)}|{str(dtype).removeprefix('torch.')}\n".encode())
             for file in sorted(self.files, key=lambda p: p.name):
-                _file_digest(file, h)
+                file_digest(file, h)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -299,7 +222,7 @@ def _open_sharded(directory: Path, index_file: Path, pickled: bool) -> Checkpoin
             sd = _load_pickle(f)
             header = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
         else:
-            header = _read_safetensors_header(f)
+            header = read_safetensors_header(f)
         for k, m in header.items():
             if weight_map.get(k) == f.name:
                 meta[k], key_file[k] = m, f
@@ -317,7 +240,7 @@ def _open_file(file: Path, pickled: bool) -> CheckpointReader:
         reader = CheckpointReader(file, [file], {k: file for k in meta}, meta, pickled=True)
         reader._pickle_sd[file] = sd
         return reader
-    meta = _read_safetensors_header(file)
+    meta = read_safetensors_header(file)
     if not meta:
         raise InputError(f"{file}: holds no tensors")
     return CheckpointReader(file, [file], {k: file for k in meta}, meta)
@@ -383,19 +306,6 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
 # --------------------------------------------------------------------------------------- writing
 def _is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name in (SAFE_INDEX, PICKLE_INDEX)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(str(d), os.O_RDONLY)
-    except OSError:
-        return  # e.g. platforms without directory handles
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class CheckpointWriter:
@@ -483,14 +393,13 @@ class CheckpointWriter:
                     if f.is_file() and not f.name.startswith(".") and not _is_weight_file(f.name):
                         shutil.copy2(f, self._tmp / f.name)
             for f in self._tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_file(f)
             old = None
             if self.out_dir.exists():
                 old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
                 os.rename(self.out_dir, old)
             os.rename(self._tmp, self.out_dir)
-            _fsync_dir(self.out_dir.parent)  # make the rename itself durable
+            fsync_dir(self.out_dir.parent)  # make the rename itself durable
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:

@@ -1,0 +1,216 @@
+"""Synchronous client for carve-serve, numpy in, numpy out.
+
+    client = PolicyClient("127.0.0.1:50051", timeout=5.0)
+    client.wait_ready(30)
+    with client.episode("open the drawer") as ep:      # the server routes to a skill
+        print(ep.skill, ep.confidence)
+        chunk = ep.infer(state=obs)                      # (chunk_length, action_dim) float32
+
+Errors surface as :class:`PolicyError` with the gRPC status code and the server's message. The
+client's ``timeout`` bounds every call: each unary RPC, the episode's opening and each ``infer``
+(a stalled server gives DEADLINE_EXCEEDED, never a hang).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from carve_client.channel import RETRY_CODES, auth_metadata, make_channel, retry_delays
+from carve_client.codec import observation_proto
+from carve_client.errors import PolicyError
+from carve_client.messages import (EpisodeInfo, chunk_from_response, episode_start, route_dict,
+                                   server_info_from_proto, skills_from_proto)
+from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
+from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
+
+_END = object()  # the server finished the response stream
+
+
+class Episode(EpisodeInfo):
+    """One open episode on a bidirectional stream. Use through ``PolicyClient.episode``.
+
+    grpc's blocking stream iterator has no per-message deadline, so a reader thread moves the
+    responses into a queue and every wait on it is bounded by ``timeout`` seconds (None = forever).
+    A deadline miss cancels the stream: the episode is then closed, since a late answer could no
+    longer be matched to its observation.
+    """
+
+    def __init__(self, stub, metadata, start: pb.EpisodeStart, timeout: float | None):
+        self._requests: queue.Queue = queue.Queue()
+        self._requests.put(pb.EpisodeRequest(start=start))
+        self._responses: queue.Queue = queue.Queue()
+        self._timeout = timeout
+        self._step = 0
+        self._closed = False
+        self.last_timing: dict = {}
+        self._call = stub.Episode(iter(self._requests.get, None), metadata=metadata)
+        self._reader = threading.Thread(target=self._read_responses, daemon=True,
+                                        name="carve-episode-reader")
+        self._reader.start()
+        try:
+            self._set_started(self._next("EpisodeStarted"))
+        except PolicyError:
+            if not self._closed:  # an unexpected first message: do not leave the stream open
+                self._shut(cancel=True)
+            raise
+
+    def _read_responses(self) -> None:
+        try:
+            for resp in self._call:
+                self._responses.put(resp)
+            self._responses.put(_END)
+        except grpc.RpcError as e:
+            self._responses.put(e)
+
+    def _shut(self, cancel: bool) -> None:
+        self._closed = True
+        self._requests.put(None)  # unblock grpc's request-consumer thread
+        if cancel:
+            self._call.cancel()
+
+    def _next(self, waiting_for: str) -> pb.EpisodeResponse:
+        try:
+            item = self._responses.get(timeout=self._timeout)
+        except queue.Empty:
+            self._shut(cancel=True)
+            raise PolicyError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no {waiting_for} from the server within {self._timeout}s") from None
+        if isinstance(item, grpc.RpcError):
+            self._shut(cancel=False)
+            raise PolicyError.from_rpc(item)
+        if item is _END:
+            self._shut(cancel=False)
+            raise PolicyError(grpc.StatusCode.UNAVAILABLE, "server closed the episode")
+        return item
+
+    def infer(self, state: np.ndarray, images: dict[str, np.ndarray] | None = None,
+              encode: str = "raw") -> np.ndarray:
+        """Send one observation; returns the action chunk (chunk_length, action_dim) float32.
+
+        state: (state_dim,) float32; images: camera key -> uint8 HWC RGB; encode: how images
+        travel ("raw", "jpeg" or "png"). PolicyError(DEADLINE_EXCEEDED) when no chunk arrives
+        within the client's timeout."""
+        if self._closed:
+            raise PolicyError(grpc.StatusCode.FAILED_PRECONDITION, "episode is closed")
+        t0 = time.perf_counter()
+        self._requests.put(pb.EpisodeRequest(
+            observation=observation_proto(state, images, self._step, encode)))
+        actions, inference_ms = chunk_from_response(self._next("ActionChunk"))
+        self._step += 1
+        self.last_timing = {"round_trip_ms": (time.perf_counter() - t0) * 1e3,
+                            "inference_ms": inference_ms}
+        return actions
+
+    def close(self, reason: str = "done") -> None:
+        """End the episode cleanly (the server sees EpisodeEnd), waiting at most ``timeout``."""
+        if self._closed:
+            return
+        self._requests.put(pb.EpisodeRequest(end=pb.EpisodeEnd(reason=reason)))
+        self._shut(cancel=False)
+        self._reader.join(self._timeout)  # drain so the server sees a clean end
+        if self._reader.is_alive():
+            self._call.cancel()
+
+    def __enter__(self) -> "Episode":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self._closed:
+            self._shut(cancel=True)
+        else:
+            self.close()
+
+
+class PolicyClient:
+    """Synchronous client. ``timeout`` (seconds, None = unbounded) bounds every call, including
+    each ``Episode.infer``; ``retries`` reconnect attempts (exponential backoff from ``backoff_s``)
+    are made when opening an episode or calling a unary RPC hits UNAVAILABLE."""
+
+    def __init__(self, target: str, token: str | None = None,
+                 tls_root_cert: str | bytes | None = None, tls: bool = False,
+                 timeout: float | None = 30.0, retries: int = 3, backoff_s: float = 0.2):
+        self.target = target
+        self._metadata = auth_metadata(token)
+        self._channel = make_channel(target, tls_root_cert, tls, aio=False)
+        self._stub = pb_grpc.PolicyServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def _retry(self, fn):
+        for delay in retry_delays(self.retries, self.backoff_s):
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                err = PolicyError.from_rpc(e)
+            except PolicyError as e:
+                err = e
+            if err.code not in RETRY_CODES or delay is None:
+                raise err
+            time.sleep(delay)
+
+    def _unary(self, method, request):
+        return self._retry(lambda: method(request, metadata=self._metadata, timeout=self.timeout))
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server's health check reports SERVING (TimeoutError otherwise)."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                r = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError(f"policy server at {self.target} not SERVING after {timeout}s")
+            time.sleep(0.1)
+
+    def health(self) -> str:
+        """The server's overall health status name ("SERVING", "NOT_SERVING", ...)."""
+        try:
+            r = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise PolicyError.from_rpc(e) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def episode(self, instruction: str, skill: str | None = None, chunk_length: int | None = None,
+                info: dict | None = None, first_state: np.ndarray | None = None,
+                first_images: dict | None = None) -> Episode:
+        """Open an episode (context manager). ``skill`` forces a skill id; otherwise the server
+        routes ``instruction`` (using the first observation too when given)."""
+        start = episode_start(instruction, skill, chunk_length, info, first_state, first_images)
+        return self._retry(lambda: Episode(self._stub, self._metadata, start, self.timeout))
+
+    def list_skills(self) -> list[dict]:
+        """[{"name", "instructions", "description", "order"}] of the served skills."""
+        return skills_from_proto(self._unary(self._stub.ListSkills, pb.ListSkillsRequest()))
+
+    def route(self, instruction: str, state: np.ndarray | None = None,
+              images: dict | None = None) -> dict:
+        """Dry-run the server's router: the decision as a dict (skill, confidence, candidates,
+        margin, abstained, reason, router, runner_up)."""
+        req = pb.RouteRequest(instruction=instruction)
+        if state is not None:
+            req.observation.CopyFrom(observation_proto(state, images, 0, "raw"))
+        return route_dict(self._unary(self._stub.Route, req))
+
+    def server_info(self) -> dict:
+        """Server version, backend, mode, state version, skill count, router and spec."""
+        return server_info_from_proto(self._unary(self._stub.ServerInfo, pb.ServerInfoRequest()))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,199 @@
+"""Per-tensor streaming of a merge: one tensor of the base and of each expert in memory at a time.
+
+:func:`stream_admission` admits ONE expert against the state's prior tensors; :func:`stream_merge`
+merges N experts at once. Both are generators yielding one result per tensor, in key order, and
+write nothing: the caller (``policy_server/state/admission.py``, ``state/oneshot.py``) decides
+where the results go, so this package never depends on the state store.
+
+A tensor whose task vector is None or all zero is *unchanged* by the expert: the method is not
+called, the prior core is carried over, and the skill gets no entry (it runs with ``base + core``
+there). For CARVE this is a choice: calling the method would store ``-C`` so the skill ran with
+the plain base tensor; we prefer sharing the core where the expert had nothing to say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from policy_server.errors import StateError
+from policy_server.merge.hooks import AdmissionHook, run_hooks
+from policy_server.merge.methods.base import MergeMethod, TensorState, fold_step
+from policy_server.merge.plan import AUX_SEP, float_keys, is_unchanged, tensor_context
+from policy_server.merge.records import entry_record
+from policy_server.merge.task_vectors import ExpertSource
+from policy_server.progress import progress
+from policy_server.tensors.checkpoint import CheckpointReader
+from policy_server.tensors.entries import ResidualEntry
+
+
+@dataclass
+class PriorState:
+    """The state an admission streams against.
+
+    core: {key: core tensor}, with ``pop`` (a dict, or a lazy file view so only one old core
+    tensor is in memory at a time); aux: {key: {aux key: tensor}}; residuals: earlier skills'
+    entries {skill: {key: entry}}, only for methods that declare ``needs_residuals``.
+    """
+
+    core: object = field(default_factory=dict)
+    aux: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    residuals: dict[str, dict[str, ResidualEntry]] = field(default_factory=dict)
+
+
+def split_aux(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Flat ``"<tensor>::<aux key>"`` tensors -> {tensor: {aux key: tensor}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        key, _, sub = name.rpartition(AUX_SEP)
+        out.setdefault(key, {})[sub] = tensor
+    return out
+
+
+def flat_aux(key: str, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{aux key: tensor} of one tensor -> flat ``"<key>::<aux key>"`` names."""
+    return {f"{key}{AUX_SEP}{sub}": a for sub, a in aux.items()}
+
+
+@dataclass
+class AdmittedTensor:
+    """One tensor of an admission.
+
+    core: the new core tensor in the store dtype (None: no core there); aux: flat aux tensors;
+    entry/record: the skill's residual and its manifest record (None: none, the skill runs as
+    ``base + core``); refits: earlier skills' re-fitted {skill: (entry, record)}; unchanged: the
+    expert left this tensor alone.
+    """
+
+    key: str
+    core: torch.Tensor | None
+    aux: dict[str, torch.Tensor]
+    entry: ResidualEntry | None = None
+    record: dict | None = None
+    refits: dict[str, tuple[ResidualEntry, dict]] = field(default_factory=dict)
+    unchanged: bool = False
+
+
+def stream_admission(method: MergeMethod, t: int, skill: str, base: CheckpointReader,
+                     expert: ExpertSource, prior: PriorState, core_dtype: torch.dtype,
+                     dense_patterns: Sequence[str] = (), hooks: Sequence[AdmissionHook] = (),
+                     show_progress: bool = True) -> Iterator[AdmittedTensor]:
+    """Admit ``expert`` as step ``t`` named ``skill``, one floating base tensor at a time.
+
+    Consumes ``prior`` (its core and aux are popped tensor by tensor, so an old core tensor is
+    freed once replaced). Task vectors are float32; the yielded core is already cast to
+    ``core_dtype`` (a bf16 state then holds its new core in half the memory of a float32 one).
+    """
+    keys = float_keys(base)
+    for key in progress(keys, show_progress, f"admit {skill}", len(keys)):
+        tau = expert.task_vector(key)
+        if hooks:
+            run_hooks(hooks, base, key, tau)
+        core = prior.core.pop(key, None)
+        aux = prior.aux.pop(key, {})
+        if is_unchanged(tau):
+            yield AdmittedTensor(key, core, flat_aux(key, aux), unchanged=True)
+            continue
+        ctx = tensor_context(key, base.shape(key), dense_patterns)
+        state = TensorState(core=core.float() if core is not None else None, aux=aux,
+                            residuals={s: r[key] for s, r in prior.residuals.items() if key in r})
+        res, _ = fold_step(method, ctx, tau, state, t, skill)
+        del tau, state
+        yield AdmittedTensor(
+            key,
+            res.core.detach().to(core_dtype).contiguous() if res.core is not None else None,
+            {k: a.detach().contiguous() for k, a in flat_aux(key, res.aux or {}).items()},
+            entry=res.entry,
+            record=entry_record(res.entry, ctx.shape, res.info) if res.entry is not None else None,
+            refits={s: (e, entry_record(e, ctx.shape)) for s, e in res.updated.items()})
+
+
+@dataclass
+class MergedTensor:
+    """One tensor of a one-shot merge of N experts.
+
+    floating: False for integer buffers (copied through, never merged); core: float32 shared
+    delta (None: the tensor stays the base's); aux: flat aux tensors of a folded continual method;
+    entries/records: per expert, in input order (None: that skill runs as ``base + core``).
+    """
+
+    key: str
+    floating: bool
+    core: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    entries: list[ResidualEntry | None] = field(default_factory=list)
+    records: list[dict | None] = field(default_factory=list)
+
+
+def _with_zeros(taus: list, shape) -> list[torch.Tensor]:
+    zeros = torch.zeros(shape, dtype=torch.float32)
+    return [x if x is not None else zeros for x in taus]
+
+
+def _observe_pass(method: MergeMethod, base: CheckpointReader, experts: Sequence[ExpertSource],
+                  dense_patterns: Sequence[str], show_progress: bool) -> None:
+    keys = float_keys(base)
+    for key in progress(keys, show_progress, f"observe ({method.name})", len(keys)):
+        taus = [e.task_vector(key) for e in experts]
+        if all(is_unchanged(x) for x in taus):
+            continue
+        method.observe_tensor(tensor_context(key, base.shape(key), dense_patterns),
+                              _with_zeros(taus, base.shape(key)))
+
+
+def _merge_at_once(method: MergeMethod, ctx, taus: list, n: int) -> MergedTensor:
+    res = method.merge_tensor(ctx, _with_zeros(taus, ctx.shape))
+    if len(res.entries) != n:
+        raise StateError(f"method {method.name!r} returned {len(res.entries)} entries for "
+                         f"{n} experts at tensor {ctx.name!r}")
+    records = [entry_record(e, ctx.shape, res.info) if e is not None else None
+               for e in res.entries]
+    return MergedTensor(ctx.name, True, res.core, {}, list(res.entries), records)
+
+
+def _merge_by_folding(method: MergeMethod, ctx, taus: list, names: Sequence[str]
+                      ) -> MergedTensor:
+    """A continual method merged at once: the experts admitted in order, for this tensor."""
+    state = TensorState()
+    records: dict[str, dict] = {}
+    for i, tau in enumerate(taus):
+        if is_unchanged(tau):
+            continue
+        res, state = fold_step(method, ctx, tau, state, i + 1, names[i])
+        if res.entry is not None:
+            records[names[i]] = entry_record(res.entry, ctx.shape, res.info)
+        for s, e in res.updated.items():
+            records[s] = entry_record(e, ctx.shape)
+    return MergedTensor(ctx.name, True, state.core, flat_aux(ctx.name, state.aux),
+                        [state.residuals.get(nm) for nm in names],
+                        [records.get(nm) if nm in state.residuals else None for nm in names])
+
+
+def stream_merge(method: MergeMethod, base: CheckpointReader, experts: Sequence[ExpertSource],
+                 names: Sequence[str], dense_patterns: Sequence[str] = (),
+                 show_progress: bool = True) -> Iterator[MergedTensor]:
+    """Merge ``experts`` (named ``names``) tensor by tensor over every base key, in key order.
+
+    Each step reads one tensor from the base's experts (N + 1 tensors in RAM, float32). A
+    ``one_shot`` method gets every task vector at once (missing/None ones as zeros); a continual
+    one has the experts folded in order. ``needs_observe_pass`` methods first see every tensor.
+    """
+    if method.needs_observe_pass and method.one_shot:
+        _observe_pass(method, base, experts, dense_patterns, show_progress)
+    floating = set(float_keys(base))
+    keys = base.keys()
+    for key in progress(keys, show_progress, f"merge ({method.name})", len(keys)):
+        if key not in floating:
+            yield MergedTensor(key, False)
+            continue
+        taus = [e.task_vector(key) for e in experts]
+        ctx = tensor_context(key, base.shape(key), dense_patterns)
+        if all(is_unchanged(x) for x in taus):
+            yield MergedTensor(key, True, None, {}, [None] * len(experts), [None] * len(experts))
+        elif method.one_shot:
+            yield _merge_at_once(method, ctx, taus, len(experts))
+        else:
+            yield _merge_by_folding(method, ctx, taus, names)
+        del taus

@@ -1,4 +1,4 @@
-"""Value-subspace router (MergeVLA, DESIGN.md 3.3): route by the first observation, no text needed.
+"""Value-subspace router (MergeVLA): route by the first observation, no text needed.
 
 Requires a model whose action expert has value projections (its ``RoutingFeatures``, see
 ``policy_server.models.features``, lists them, e.g. the demo VLA's
@@ -21,7 +21,7 @@ relative projection norm
 activation scale, so one temperature fits every model), then confidence = softmax(score / T) and
 argmax, with the same abstention thresholds as the text router.
 
-"With that skill's parameters" (DESIGN.md): MergeVLA computes X with each skill's own model, which
+"With that skill's parameters" (MergeVLA): MergeVLA computes X with each skill's own model, which
 costs one forward per skill. By default (``per_skill=False``) we run ONE forward with the served
 weights (base + core, no residual) and score every skill on the same X. This is an approximation:
 the hidden states entering the chosen block differ between skills only through the residuals of the

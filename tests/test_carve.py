@@ -21,7 +21,7 @@ def _sgn(v):
 
 def reference_stream(taus, rate, zero_core, residual):
     """Coordinate-by-coordinate CARVE in plain Python floats: (cores after each step, residuals,
-    final counts). Written from DESIGN.md 3.1 independently of the tensorised implementation."""
+    final counts). Written from the rule in docs/CARVE.md independently of the tensorised implementation."""
     n = len(taus[0])
     C, cnt = [0.0] * n, [0] * n
     cores, residuals = [], []

@@ -14,15 +14,14 @@ import time
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from carve_client.channel import RETRY_CODES, auth_metadata, make_channel, retry_delays
+from carve_client.channel import RETRY_CODES, ClientConnection, retry_delays
 from carve_client.codec import observation_proto
 from carve_client.errors import PolicyError
 from carve_client.messages import (EpisodeInfo, chunk_from_response, episode_start, route_dict,
                                    server_info_from_proto, skills_from_proto)
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
-from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 
 
 class AsyncEpisode(EpisodeInfo):
@@ -92,18 +91,10 @@ class AsyncEpisode(EpisodeInfo):
             pass  # the episode is over either way; the stream was cancelled on a deadline miss
 
 
-class AsyncPolicyClient:
+class AsyncPolicyClient(ClientConnection):
     """asyncio client (grpc.aio) with the same calls and options as ``PolicyClient``."""
 
-    def __init__(self, target: str, token: str | None = None,
-                 tls_root_cert: str | bytes | None = None, tls: bool = False,
-                 timeout: float | None = 30.0, retries: int = 3, backoff_s: float = 0.2):
-        self.target = target
-        self._metadata = auth_metadata(token)
-        self._channel = make_channel(target, tls_root_cert, tls, aio=True)
-        self._stub = pb_grpc.PolicyServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+    _aio = True
 
     def episode(self, instruction: str, skill: str | None = None,
                 chunk_length: int | None = None, info: dict | None = None,

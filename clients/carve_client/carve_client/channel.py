@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 
 # Must stay compatible with the server's keepalive policy (ServerConfig.min_ping_interval_ms).
 KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
@@ -38,3 +41,20 @@ def retry_delays(retries: int, backoff_s: float) -> list[float | None]:
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     return [backoff_s * 2 ** i for i in range(retries)] + [None]
+
+
+class ClientConnection:
+    """What the sync and asyncio clients share: target, auth metadata, channel, stubs and the
+    timeout/retry policy. ``timeout`` (seconds, None = unbounded) bounds every call."""
+
+    _aio = False
+
+    def __init__(self, target: str, token: str | None = None,
+                 tls_root_cert: str | bytes | None = None, tls: bool = False,
+                 timeout: float | None = 30.0, retries: int = 3, backoff_s: float = 0.2):
+        self.target = target
+        self._metadata = auth_metadata(token)
+        self._channel = make_channel(target, tls_root_cert, tls, aio=self._aio)
+        self._stub = pb_grpc.PolicyServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s

@@ -19,15 +19,14 @@ import time
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from carve_client.channel import RETRY_CODES, auth_metadata, make_channel, retry_delays
+from carve_client.channel import RETRY_CODES, ClientConnection, retry_delays
 from carve_client.codec import observation_proto
 from carve_client.errors import PolicyError
 from carve_client.messages import (EpisodeInfo, chunk_from_response, episode_start, route_dict,
                                    server_info_from_proto, skills_from_proto)
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
-from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 
 _END = object()  # the server finished the response stream
 
@@ -127,22 +126,10 @@ class Episode(EpisodeInfo):
             self.close()
 
 
-class PolicyClient:
+class PolicyClient(ClientConnection):
     """Synchronous client. ``timeout`` (seconds, None = unbounded) bounds every call, including
     each ``Episode.infer``; ``retries`` reconnect attempts (exponential backoff from ``backoff_s``)
     are made when opening an episode or calling a unary RPC hits UNAVAILABLE."""
-
-    def __init__(self, target: str, token: str | None = None,
-                 tls_root_cert: str | bytes | None = None, tls: bool = False,
-                 timeout: float | None = 30.0, retries: int = 3, backoff_s: float = 0.2):
-        self.target = target
-        self._metadata = auth_metadata(token)
-        self._channel = make_channel(target, tls_root_cert, tls, aio=False)
-        self._stub = pb_grpc.PolicyServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff_s = backoff_s
 
     def _retry(self, fn):
         for delay in retry_delays(self.retries, self.backoff_s):

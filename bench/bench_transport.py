@@ -41,19 +41,24 @@ import time
 from bench.transport.common import THREAD_ENV, set_threads
 
 PEERS = ("carve", "openpi", "lerobot")
-LABEL = {"carve": "carve-serve", "openpi": "openpi websocket", "lerobot": "LeRobot async (gRPC + pickle)"}
+LABEL = {"carve": "carve-serve", "openpi": "openpi websocket",
+         "lerobot": "LeRobot async (gRPC + pickle)"}
 GOALS = {"latency": ("<=", 0.8), "throughput": (">=", 1.2), "slow": (">=", 8.0)}
 
 
 def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 1)")
     ap.add_argument("--images", type=int, nargs="+", default=[1, 2], choices=[1, 2],
                     help="image counts to run (default both)")
-    ap.add_argument("--policy-ms", type=float, default=20.0, help="the slow-policy scenario's sleep")
-    ap.add_argument("--calls", type=int, default=300, help="timed calls of the 1-client scenario")
-    ap.add_argument("--warmup", type=int, default=30, help="untimed calls per client first")
-    ap.add_argument("--seconds", type=float, default=3.0, help="duration of a throughput round")
+    ap.add_argument("--policy-ms", type=float, default=20.0,
+                    help="the slow-policy scenario's sleep")
+    ap.add_argument("--calls", type=int, default=None,
+                    help="timed calls of the 1-client scenario (default 300; --quick: 40)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed calls per client first (default 30; --quick: 5)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="duration of a throughput round (default 3; --quick: 1)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     ap.add_argument("--lerobot-wheel", default=None,
@@ -64,8 +69,11 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=3600.0,
                     help="every subprocess exits after this long whatever happens")
     a = ap.parse_args()
-    if a.quick:
-        a.repeats, a.calls, a.warmup, a.seconds = 1, 40, 5, 1.0
+    defaults = dict(repeats=1, calls=40, warmup=5, seconds=1.0) if a.quick else \
+        dict(repeats=3, calls=300, warmup=30, seconds=3.0)
+    for k, v in defaults.items():  # explicit options win over --quick
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     return a
 
 
@@ -241,7 +249,8 @@ def table(summary, scs, args, skipped: dict) -> str:
     for sc in scs:
         name = {"latency": "1 client, p50 / p90 ms",
                 "throughput": f"{sc['clients']} clients, calls/s",
-                "slow": f"{sc['clients']} clients, {sc['policy_ms']:g} ms policy, calls/s"}[sc["goal"]]
+                "slow": f"{sc['clients']} clients, {sc['policy_ms']:g} ms policy, calls/s",
+                }[sc["goal"]]
         row = summary[sc["key"]]
         cells = [_cell(sc, row.get(p)) if p not in skipped else "skipped" for p in cols]
         r = ratio(sc, row)
@@ -258,12 +267,17 @@ def main() -> None:
     for k in THREAD_ENV:              # inherited by every spawned server and client
         os.environ[k] = "1"
     set_threads()
-    from bench.transport.lerobot_peer import find_stub_dir
+    from bench.transport.lerobot_peer import find_stub_dir, load_stubs
     peers = list(args.peers)
     skipped: dict[str, str] = {}
     stub_dir = None
     if "lerobot" in peers:
         stub_dir, why = find_stub_dir(args.lerobot_wheel)
+        if stub_dir is not None:
+            try:  # fail here, not in the server subprocess, if the stubs cannot load
+                load_stubs(stub_dir)
+            except Exception as e:  # e.g. a protobuf runtime older than the gencode
+                stub_dir, why = None, f"its stubs do not load: {type(e).__name__}: {e}"
         if stub_dir is None:
             skipped["lerobot"] = why
             peers.remove("lerobot")

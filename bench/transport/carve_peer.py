@@ -1,4 +1,5 @@
-"""carve-serve: the real ``PolicyServer`` over a no-op ``PolicyEngine``, the real ``PolicyClient``."""
+"""carve-serve: the real ``PolicyServer`` over a no-op ``PolicyEngine``; the real ``PolicyClient``
+episode stream as the robot."""
 
 from __future__ import annotations
 

@@ -58,10 +58,13 @@ def worker(index: int, conn, barrier, stub_dir: str | None, max_seconds: float) 
     from bench.transport.common import set_threads, watch_parent
     set_threads(torch_too=stub_dir is not None)  # unpickling LeRobot's actions needs torch
     watch_parent(max_seconds)
-    import threading  # noqa: F401  (preload what the clients use so tasks start fast)
-
+    # preload what the clients use so that tasks start fast
     import carve_client  # noqa: F401
     import websockets.sync.client  # noqa: F401
+    try:
+        import openpi_client.websocket_client_policy  # noqa: F401
+    except ImportError:
+        pass
     conn.send({"ready": index})
     while conn.poll(max_seconds):
         try:

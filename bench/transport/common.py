@@ -29,7 +29,7 @@ def set_threads(torch_too: bool = False) -> None:
 
 
 def observation(n_images: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The same observation for every peer: n 224x224x3 uint8 camera frames + an 8-D float32 state."""
+    """The same observation for every peer: n 224x224x3 uint8 frames + an 8-D float32 state."""
     rng = np.random.default_rng(seed)
     state = rng.standard_normal(STATE_DIM).astype(np.float32)
     images = {CAMERAS[i]: rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)

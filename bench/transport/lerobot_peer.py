@@ -139,7 +139,7 @@ def _send_in_chunks(pb, data: bytes):
 
 
 def _receive_chunks(pb, iterator) -> bytes | None:
-    """lerobot.transport.utils.receive_bytes_in_chunks (queue=None): the bytes up to TRANSFER_END."""
+    """lerobot.transport.utils.receive_bytes_in_chunks (queue=None): bytes up to TRANSFER_END."""
     parts: list[bytes] = []
     for item in iterator:
         if item.transfer_state == pb.TRANSFER_BEGIN:

@@ -102,7 +102,8 @@ class OpenpiClient:
             self.impl = "openpi-client"
             self._policy = WebsocketClientPolicy(host="127.0.0.1", port=port)
             self._infer = self._policy.infer
-            self._close = getattr(self._policy, "_ws", None) and self._policy._ws.close or (lambda: None)
+            ws = getattr(self._policy, "_ws", None)  # the client has no public close
+            self._close = ws.close if ws is not None else (lambda: None)
         else:
             from websockets.sync.client import connect
             self.impl = "own minimal client"

@@ -13,33 +13,16 @@ import time
 import numpy as np
 from carve_client import PolicyClient
 
+from bench.noop_engine import NoopEngine
 from policy_server.models.base import ImageSpec, PolicySpec
-from policy_server.service.engine_api import PolicyEngine
 from policy_server.service.server import PolicyServer, ServerConfig
-from router.base import ExactRouter
 
 
-class NoopEngine(PolicyEngine):
-    """Returns zeros: isolates serialisation, image decoding and the gRPC stream."""
-
-    def __init__(self, size: int):
-        self._spec = PolicySpec(state_dim=8, action_dim=7, chunk_length=8,
-                                action_low=[-1.0] * 7, action_high=[1.0] * 7,
-                                images={"agentview": ImageSpec(size, size, 3)}, name="noop")
-        self._router = ExactRouter({"noop": ["noop"]})
-
-    @property
-    def spec(self):
-        return self._spec
-
-    def skills(self):
-        return [{"name": "noop", "instructions": ["noop"], "description": "", "order": 1}]
-
-    def route(self, instruction, observation=None):
-        return self._router.route(instruction)
-
-    def infer(self, observation, skill):
-        return np.zeros((8, 7), np.float32)
+def noop_engine(size: int) -> NoopEngine:
+    spec = PolicySpec(state_dim=8, action_dim=7, chunk_length=8, action_low=[-1.0] * 7,
+                      action_high=[1.0] * 7, images={"agentview": ImageSpec(size, size, 3)},
+                      name="noop")
+    return NoopEngine(spec, lambda: np.zeros((8, 7), np.float32))
 
 
 def main() -> None:
@@ -48,7 +31,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--encode", nargs="+", default=["raw", "jpeg", "png"])
     args = ap.parse_args()
-    server = PolicyServer(NoopEngine(args.size), ServerConfig(port=0))
+    server = PolicyServer(noop_engine(args.size), ServerConfig(port=0))
     port = server.start()
     client = PolicyClient(f"127.0.0.1:{port}")
     rng = np.random.default_rng(0)

@@ -9,35 +9,15 @@ from bench.transport.common import CAMERAS, CHUNK, IMAGE_SIZE, STATE_DIM
 def make_engine(n_images: int, policy_ms: float):
     from carve_client.spec import ImageSpec, PolicySpec
 
+    from bench.noop_engine import NoopEngine
     from bench.transport.common import noop_policy
-    from policy_server.service.engine_api import PolicyEngine
-    from router.base import ExactRouter
 
-    class NoopEngine(PolicyEngine):
-        """(50, 7) zeros after an optional sleep: transport, decoding and the stream only."""
-
-        def __init__(self):
-            self._spec = PolicySpec(
-                state_dim=STATE_DIM, action_dim=CHUNK[1], chunk_length=CHUNK[0],
-                action_low=[-1.0] * CHUNK[1], action_high=[1.0] * CHUNK[1],
-                images={CAMERAS[i]: ImageSpec(IMAGE_SIZE, IMAGE_SIZE, 3) for i in range(n_images)},
-                name="noop")
-            self._router = ExactRouter({"noop": ["noop"]})
-
-        @property
-        def spec(self):
-            return self._spec
-
-        def skills(self):
-            return [{"name": "noop", "instructions": ["noop"], "description": "", "order": 1}]
-
-        def route(self, instruction, observation=None):
-            return self._router.route(instruction)
-
-        def infer(self, observation, skill):
-            return noop_policy(policy_ms)
-
-    return NoopEngine()
+    spec = PolicySpec(state_dim=STATE_DIM, action_dim=CHUNK[1], chunk_length=CHUNK[0],
+                      action_low=[-1.0] * CHUNK[1], action_high=[1.0] * CHUNK[1],
+                      images={CAMERAS[i]: ImageSpec(IMAGE_SIZE, IMAGE_SIZE, 3)
+                              for i in range(n_images)}, name="noop")
+    # (50, 7) zeros after an optional sleep: transport, decoding and the stream only
+    return NoopEngine(spec, lambda: noop_policy(policy_ms))
 
 
 def serve(policy_ms: float, image_counts: list[int], conn, max_seconds: float) -> None:

@@ -36,10 +36,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policy_server.dtypes import DTYPE_NAMES  # noqa: E402
+from policy_server.dtypes import DTYPE_NAMES, STORE_DTYPE_NAMES  # noqa: E402
 from policy_server.progress import progress  # noqa: E402
 from policy_server.tensors.checkpoint import CheckpointWriter  # noqa: E402
 from policy_server.merge.lowrank import truncated_svd  # noqa: E402
+from policy_server.state.store import StateStore  # noqa: E402
 
 # `carve` run by this interpreter (no dependence on the console script being on PATH), reporting the process's own peak RSS (VmHWM of its post-exec address space) on stderr.
 # ru_maxrss from wait4 is not usable: Linux carries the forked parent's high-water mark across
@@ -199,7 +200,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=64, help="CARVE residual rank")
     ap.add_argument("--svd", default="auto", choices=("auto", "exact", "randomized"))
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
-    ap.add_argument("--store-dtype", default="float32", choices=DTYPE_NAMES)
+    ap.add_argument("--store-dtype", default="param", choices=STORE_DTYPE_NAMES,
+                    help="residual factors' dtype (default param: the checkpoint's)")
+    ap.add_argument("--core-dtype", default="param", choices=STORE_DTYPE_NAMES,
+                    help="core dtype (default param: the checkpoint's; float32 to compare)")
     ap.add_argument("--shared-rank", type=int, default=16)
     ap.add_argument("--task-rank", type=int, default=16)
     ap.add_argument("--sparse", type=float, default=0.01, help="fraction of sparse updates")
@@ -247,12 +251,14 @@ def main(argv=None) -> int:
         print(f"interpreter baseline RSS (python + carve CLI imports, no work): "
               f"{base_rss / 2**20:.0f} MiB")
         state = work / "state"
-        print(f"\n{'skill':<8} {'wall s':>8} {'peak RSS MiB':>13} {'(RSS-base)/ckpt':>16} "
-              f"{'state/bank':>10} {'rank':>6} {'rel_err':>8} {'version':>9}")
+        print(f"\n{'skill':<8} {'wall s':>8} {'peak RSS MiB':>13} {'RSS/ckpt':>9} "
+              f"{'(RSS-base)/ckpt':>16} {'params/bank':>11} {'bytes/bank':>10} "
+              f"{'+base/bank':>10} {'retained MiB':>12} {'rank':>6} {'rel_err':>8}")
         for i, edir in enumerate(dirs[1:]):
             cmd = [*HWM_CMD, "admit", str(state), "--base",
                    str(dirs[0]), "--expert", str(edir), "--skill", f"skill{i}", "--json",
-                   "--no-progress", "--store-dtype", args.store_dtype]
+                   "--no-progress", "--store-dtype", args.store_dtype,
+                   "--core-dtype", args.core_dtype, "--keep", "2"]
             if i == 0:  # method options are fixed by the first admission
                 cmd += ["--rank", str(args.rank), "--svd", args.svd]
             rep, wall, rss, sampled = run_admission(cmd)
@@ -265,11 +271,15 @@ def main(argv=None) -> int:
                    "version": rep["version"], "storage": rep.get("storage")}
             results["experts"].append(row)
             row["rss_above_baseline_over_ckpt"] = (rss - base_rss) / ck_bytes
-            print(f"{rep['skill']:<8} {wall:8.1f} {rss / 2**20:13.0f} "
+            st = rep.get("storage", {})
+            row["disk"] = StateStore(state).disk_usage()
+            print(f"{rep['skill']:<8} {wall:8.1f} {rss / 2**20:13.0f} {rss / ck_bytes:9.2f} "
                   f"{(rss - base_rss) / ck_bytes:16.2f} "
-                  f"{(f'{100 * frac:.1f}%' if frac is not None else 'n/a'):>10} "
-                  f"{(s.get('rank_mean') or 0):6.1f} {(s.get('rel_error_mean') or 0):8.4f} "
-                  f"{rep['version']:>9}")
+                  f"{(f'{frac:.3f}' if frac is not None else 'n/a'):>11} "
+                  f"{st.get('bytes_fraction_of_bank', float('nan')):10.3f} "
+                  f"{st.get('bytes_fraction_of_bank_with_base', float('nan')):10.3f} "
+                  f"{row['disk']['retained_bytes'] / 2**20:12.0f} "
+                  f"{(s.get('rank_mean') or 0):6.1f} {(s.get('rel_error_mean') or 0):8.4f}")
 
         print(f"\nrank-{args.rank} truncated SVD, exact vs randomized (best of {args.svd_reps}):")
         print(f"{'shape':>12} {'exact s':>8} {'err':>7} {'rand s':>8} {'err':>7} {'speedup':>8}")

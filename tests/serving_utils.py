@@ -48,3 +48,80 @@ def make_stack(root: Path, cameras: dict | None = None, skills: dict | None = No
               hooks=hooks_for(name, instr) if hooks_for else ())
     return {"base": Path(base_dir), "state": state, "experts": experts, "skills": skills,
             "config": cfg}
+
+
+class ServeProcess:
+    """``carve serve`` in a subprocess, as users run it: ``args`` are extra CLI arguments.
+    ``port`` is parsed from its "listening on" line; ``memory_kb("VmHWM")`` reads the server's
+    /proc status (peak / current resident memory); ``terminate()`` sends SIGTERM and returns
+    (exit code, seconds to exit, stderr)."""
+
+    def __init__(self, stack: dict, *args: str, ready_timeout: float = 120.0):
+        import re
+        import subprocess
+        import sys
+        import threading
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "policy_server.cli", "serve", "--base", str(stack["base"]),
+             "--state", str(stack["state"]), "--port", "0", "--router", "exact", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._err: list[str] = []
+        # drain stderr continuously so a chatty server never blocks on a full pipe
+        self._err_reader = threading.Thread(
+            target=lambda: self._err.extend(iter(self.proc.stderr.readline, "")), daemon=True)
+        self._err_reader.start()
+        line = self._readline(ready_timeout)
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            self._err_reader.join(10)
+            raise RuntimeError(f"carve serve did not start: {line!r} {''.join(self._err)}")
+        self.port = int(m.group(1))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def _readline(self, timeout: float) -> str:
+        import threading
+
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        return out[0] if out else ""
+
+    def memory_kb(self, key: str = "VmRSS") -> int:
+        """``key`` (VmRSS, VmHWM...) of the server process's /proc status, in kB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise KeyError(key)
+
+    def terminate(self, timeout: float = 60.0) -> tuple[int | None, float, str]:
+        """SIGTERM; -> (exit code or None if still running after ``timeout``, seconds, stderr)."""
+        import signal
+        import subprocess
+        import time
+
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        took = time.monotonic() - t0
+        self.kill()
+        return rc, took, "".join(self._err)
+
+    def kill(self) -> None:
+        """SIGKILL if still running (cleanup)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._err_reader.join(10)
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_runtime import ToyBackend, make_batch, make_snapshot
 
-from policy_server.errors import InputError, StateError
+from policy_server.errors import InputError, NonFiniteActions, StateError
 from policy_server.models.base import ObservationBatch
 from policy_server.runtime import BatcherClosed, BatcherFull, MicroBatcher, PolicyRuntime
 
@@ -52,22 +52,47 @@ def test_concurrent_mixed_skills_match_sequential_calls():
             np.testing.assert_allclose(got[t][i], want[t][i], rtol=1e-5, atol=1e-5)
 
 
-def test_batch_error_reaches_every_waiter_and_bad_requests_fail_alone():
+def test_a_bad_row_fails_alone_and_bad_requests_fail_at_submit():
+    """Fault isolation per row: a NaN output in one row of a batch fails only that request; the
+    other rows of the same batch get exactly the actions they would get alone."""
     rt = PolicyRuntime(ToyBackend(), make_snapshot(nan_skill=True))
     b = make_batch(3)
-    with MicroBatcher(rt, max_batch=8, max_wait_ms=200.0) as mb:
+    skills = ["pick", "broken", None]
+    alone = [rt.infer(row(b, i), [s])[0] for i, s in enumerate(skills) if s != "broken"]
+    with MicroBatcher(rt, max_batch=3, max_wait_ms=2000.0) as mb:
         with pytest.raises(StateError, match="'nope'"):
             mb.submit(row(b, 0), "nope")
         with pytest.raises(InputError, match="one observation"):
             mb.submit(b, "pick")
-        futs = [mb.submit(row(b, i), s) for i, s in enumerate(["pick", "broken", None])]
-        for f in futs:
-            with pytest.raises(RuntimeError, match="non-finite"):
-                f.result(timeout=30)
+        futs = [mb.submit(row(b, i), s) for i, s in enumerate(skills)]
+        with pytest.raises(NonFiniteActions, match=r"non-finite.*'broken'"):
+            futs[1].result(timeout=30)
+        got = [futs[0].result(timeout=30), futs[2].result(timeout=30)]
         ok = mb.submit(row(b, 0), "pick").result(timeout=30)  # worker survived
         assert ok.shape == (4, 3)
+    assert list(mb.batch_sizes)[:1] == [3]  # the three really shared one forward
+    for g, w in zip(got, alone):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     with pytest.raises(BatcherClosed):
         mb.submit(row(b, 0), "pick")
+
+
+def test_a_batch_that_fails_as_a_whole_is_served_row_by_row():
+    """A request whose input makes the batched forward raise (here: a missing camera) fails
+    alone; the requests batched with it are served again one by one and get their actions."""
+    rt = PolicyRuntime(ToyBackend(), make_snapshot())
+    b = make_batch(3, seed=4)
+    no_cam = ObservationBatch(b.state[1:2], b.instructions[1:2], {})
+    with MicroBatcher(rt, max_batch=3, max_wait_ms=2000.0) as mb:
+        futs = [mb.submit(row(b, 0), "pick"), mb.submit(no_cam, "place"),
+                mb.submit(row(b, 2), "push")]
+        with pytest.raises(Exception):
+            futs[1].result(timeout=30)
+        np.testing.assert_allclose(futs[0].result(timeout=30), rt.infer(row(b, 0), ["pick"])[0],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(futs[2].result(timeout=30), rt.infer(row(b, 2), ["push"])[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert list(mb.batch_sizes)[0] == 3
 
 
 class GatedRuntime:

@@ -243,3 +243,50 @@ def test_registry_and_option_validation():
     res = CarveMethod(CarveOptions(rate="1/(t+1)", energy=0.5, svd="exact")).admit_tensor(
         TensorContext("w", (40, 30)), R, TensorState(), 1, "s")
     assert 0 < res.entry.rank < 30 and 1 - res.entry.rel_error ** 2 >= 0.5 - 1e-6
+
+
+def test_row_block_admission_equals_whole_tensor_admission(tmp_path, monkeypatch):
+    """Huge tensors are admitted from row blocks (no float32 copy of them): the same core bit for
+    bit, residuals as good as the whole-tensor SVD's; here every matrix counts as huge."""
+    from test_engine import make_family
+
+    from policy_server.merge import lowrank, stream
+    from policy_server.state.admission import admit
+    from policy_server.state.store import StateStore
+
+    bdir, edirs, base, experts = make_family(tmp_path, dtype=torch.bfloat16)
+    whole, rows = tmp_path / "whole", tmp_path / "rows"
+    opts = {"rank": 4, "svd": "randomized"}
+    for i, e in enumerate(edirs):
+        admit(whole, bdir, e, f"s{i}", options=opts, progress=False)
+    monkeypatch.setattr(stream, "BLOCKED_MIN_NUMEL", 500)  # every 2-D tensor here (>= 576)
+    monkeypatch.setattr(lowrank, "BLOCK_NUMEL", 24 * 7)    # blocks of 7 rows
+    for i, e in enumerate(edirs):
+        admit(rows, bdir, e, f"s{i}", options=opts, progress=False)
+    a, b = StateStore(whole).open(), StateStore(rows).open()
+    assert set(a.core()) == set(b.core())
+    for k, c in a.core().items():
+        assert c.dtype == b.core()[k].dtype and torch.equal(c, b.core()[k]), k
+    blocked = [k for k, r in b.skill("s2")["tensors"].items() if r.get("row_blocks")]
+    assert len(blocked) == 4  # the four matrices; 1-D tensors stay whole
+    for k in blocked:
+        ra, rb = a.skill("s2")["tensors"][k], b.skill("s2")["tensors"][k]
+        assert rb["rank"] == ra["rank"] == 4
+        assert rb["rel_error"] <= ra["rel_error"] + 0.02, k
+        for f in ("tau_norm", "residual_norm", "core_change_norm", "concordant_fraction"):
+            assert rb[f] == pytest.approx(ra[f], rel=1e-4), (k, f)
+        # the recorded error is the factors' real error against the residual
+        R = (experts[2][k].float() - base[k].float()) - (b.core()[k].float())
+        e = b.residuals("s2")[k]
+        real = float(torch.linalg.vector_norm(R - e.materialize()) / torch.linalg.vector_norm(R))
+        assert real == pytest.approx(rb["rel_error"], abs=0.02), k
+    # a NaN in a row block is refused like a NaN anywhere (the block reader does not check)
+    from ckpt_utils import write_checkpoint
+
+    bad = dict(experts[1])
+    bad["model.embed_tokens.weight"] = bad["model.embed_tokens.weight"].clone()
+    bad["model.embed_tokens.weight"][30, 3] = float("nan")
+    with pytest.raises(InputError, match="non-finite"):
+        admit(rows, bdir, write_checkpoint(tmp_path / "nan", bad), "nan", options=opts,
+              progress=False)
+    assert StateStore(rows).open().version == b.version

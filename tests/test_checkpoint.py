@@ -234,3 +234,16 @@ def test_non_finite_expert_is_refused_naming_the_tensor(tmp_path):
     ex = open_expert(write_checkpoint(tmp_path / "e", e), base)
     with pytest.raises(InputError, match="'head.weight' has 1 non-finite"):
         ex.task_vector("head.weight")
+
+
+def test_get_rows_reads_exactly_those_rows(tmp_path):
+    t = {"a": torch.randn(37, 5).to(torch.bfloat16), "b": torch.randn(9)}
+    reader = open_checkpoint(write_checkpoint(tmp_path / "c", t, shards=2))
+    for start, stop in ((0, 37), (3, 11), (36, 37), (5, 5)):
+        assert torch.equal(reader.get_rows("a", start, stop), t["a"][start:stop])
+    assert torch.equal(reader.get_rows("b", 2, 4), t["b"][2:4])
+    with pytest.raises(InputError, match="out of range"):
+        reader.get_rows("a", 30, 38)
+    assert reader.tensor_bytes() == 37 * 5 * 2 + 9 * 4
+    files = (tmp_path / "c").glob("*.safetensors")
+    assert reader.file_bytes() == sum(p.stat().st_size for p in files)

@@ -308,3 +308,52 @@ def test_async_stalled_infer_raises_deadline_exceeded(stalling_server):
     err, waited = asyncio.run(go())
     assert err is not None and err.code == grpc.StatusCode.DEADLINE_EXCEEDED, err
     assert 0.4 <= waited < 2.0, waited
+
+
+def test_episode_open_is_retried_on_cancelled_but_unary_calls_are_not():
+    """A call in flight when a server's grpc core stops is CANCELLED by the core; before
+    EpisodeStarted nothing has happened, so the client retries the opening (a real grpc server on
+    loopback cancels the first attempt of each call)."""
+    from concurrent import futures
+
+    from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
+
+    attempts = {"Episode": 0, "ListSkills": 0}
+
+    def episode(request_iterator, context):
+        attempts["Episode"] += 1
+        next(request_iterator)
+        if attempts["Episode"] % 2 == 1:
+            context.cancel()
+            return
+        yield pb.EpisodeResponse(started=pb.EpisodeStarted(episode_id="e1", skill="pick"))
+
+    def list_skills(request, context):
+        attempts["ListSkills"] += 1
+        context.cancel()
+
+    handler = grpc.method_handlers_generic_handler("carve.policy.v1.PolicyService", {
+        "Episode": grpc.stream_stream_rpc_method_handler(
+            episode, pb.EpisodeRequest.FromString, pb.EpisodeResponse.SerializeToString),
+        "ListSkills": grpc.unary_unary_rpc_method_handler(
+            list_skills, pb.ListSkillsRequest.FromString,
+            pb.ListSkillsResponse.SerializeToString)})
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        c = PolicyClient(f"127.0.0.1:{port}", retries=1, backoff_s=0.01, timeout=10)
+        ep = c.episode("pick the cube")
+        assert ep.episode_id == "e1" and attempts["Episode"] == 2
+        ep._shut(cancel=True)
+        with pytest.raises(PolicyError) as e:
+            c.list_skills()
+        assert e.value.code == grpc.StatusCode.CANCELLED and attempts["ListSkills"] == 1
+        c.close()
+        once = PolicyClient(f"127.0.0.1:{port}", retries=0, timeout=10)
+        with pytest.raises(PolicyError) as e:
+            once.episode("pick the cube")
+        assert e.value.code == grpc.StatusCode.CANCELLED
+        once.close()
+    finally:
+        server.stop(0)

@@ -42,12 +42,15 @@ def test_server_uses_the_client_package_types_and_codec():
     import carve_client
     import carve_client.codec as codec
     from policy_server.models import base
-    from policy_server.service import servicer
+    from policy_server.service import servicer, validation
     from router import base as router_base
 
     assert base.PolicySpec is carve_client.PolicySpec and base.ImageSpec is carve_client.ImageSpec
     assert router_base.RouteDecision is carve_client.RouteDecision
-    assert servicer.decode_tensor is codec.decode_tensor and servicer.pb is codec.pb
+    # the server encodes with the client's codec and decodes observations with it
+    assert servicer.encode_tensor is codec.encode_tensor and servicer.pb is codec.pb
+    assert validation.decode_tensor is codec.decode_tensor
+    assert validation.decode_image is codec.decode_image
 
 
 _EPISODE = textwrap.dedent("""

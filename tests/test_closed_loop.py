@@ -106,9 +106,14 @@ def test_every_registered_spec_names_a_real_method():
 def test_storage_fraction_rules():
     from bench.closed_loop.run import storage_fraction
 
-    st = {"checkpoint_params": 100, "residual_params": 50, "fraction_of_bank_with_base": 0.9}
-    assert storage_fraction("state", st, 2)["fraction"] == pytest.approx(0.75)
+    st = {"checkpoint_params": 100, "residual_params": 50, "fraction_of_bank_with_base": 0.9,
+          "bytes_fraction_of_bank_with_base": 0.95}
+    frac = storage_fraction("state", st, 2)
+    # the column is the byte figure (state + base over the bank); parameters kept beside it
+    assert frac["fraction"] == pytest.approx(0.95) and frac["param_fraction"] == pytest.approx(0.75)
     assert storage_fraction("state", st, 2, method="bank")["fraction"] == 1.0
+    with pytest.raises(InputError, match="byte"):
+        storage_fraction("state", {"checkpoint_params": 100, "residual_params": 50}, 2)
     assert storage_fraction("checkpoint", None, 4)["fraction"] == pytest.approx(0.25)
     assert storage_fraction("state", st, 4, per_skill=False)["fraction"] == pytest.approx(0.25)
 

@@ -58,12 +58,22 @@ def make_expert(base: dict, seed: int, rank: int = 3, skip: tuple[str, ...] = ()
     return out
 
 
-def make_family(tmp: Path, n: int = 3, **kw) -> tuple[Path, list[Path], dict, list[dict]]:
-    base = make_base()
+def cast_like_a_bf16_model(sd: dict, dtype: torch.dtype | None) -> dict:
+    """``sd`` with its floating tensors in ``dtype``, except norm weights kept float32 (as mixed
+    bf16 checkpoints do); None: unchanged."""
+    if dtype is None:
+        return sd
+    return {k: v.to(dtype) if v.is_floating_point() and "norm" not in k else v
+            for k, v in sd.items()}
+
+
+def make_family(tmp: Path, n: int = 3, dtype: torch.dtype | None = None, **kw
+                ) -> tuple[Path, list[Path], dict, list[dict]]:
+    base = cast_like_a_bf16_model(make_base(), dtype)
     bdir = write_checkpoint(tmp / "base", base, extra_files={"tokenizer.json": "{}"})
     experts, edirs = [], []
     for i in range(n):
-        e = make_expert(base, i, **kw)
+        e = cast_like_a_bf16_model(make_expert(base, i, **kw), dtype)
         experts.append(e)
         edirs.append(write_checkpoint(tmp / f"expert{i}", e))
     return bdir, edirs, base, experts
@@ -108,7 +118,9 @@ def test_admit_three_experts_builds_state(tmp_path):
     m = snap.manifest
     assert m["method"]["name"] == "carve" and m["method"]["options"]["rank"] == 4
     assert m["base"]["num_params"] == sum(torch.Size(s).numel() for s in SHAPES.values()) + 6
-    assert m["store_dtype"] == "float32"
+    # new states store each tensor in its base parameter's dtype (float32 here)
+    assert m["store_dtype"] == "param" and m["core_dtype"] == "param"
+    assert {t.dtype for t in snap.core().values()} == {torch.float32}
     rec = snap.skill("skill1")
     assert rec["order"] == 2 and rec["instructions"] == ["do task 1"]
     assert rec["source"]["kind"] == "full"
@@ -208,7 +220,10 @@ def test_bad_input_writes_nothing(tmp_path):
         (dict(expert_dir=edirs[1], skill="x", options={"bogus": 1}), InputError, "bogus"),
         (dict(expert_dir=edirs[1], skill="x", method="ties"), StateError, "carve"),
         (dict(expert_dir=edirs[1], skill="bad/name"), InputError, "skill name"),
-        (dict(expert_dir=edirs[1], skill="x", store_dtype="bfloat16"), StateError, "float32"),
+        (dict(expert_dir=edirs[1], skill="x", store_dtype="bfloat16"), StateError, "param"),
+        (dict(expert_dir=edirs[1], skill="x", core_dtype="float32"), StateError, "core dtype"),
+        (dict(expert_dir=edirs[1], skill="x", core_dtype="float8"), InputError, "core dtype"),
+        (dict(expert_dir=edirs[1], skill="x", keep=1), InputError, "--keep"),
         (dict(expert_dir=tmp_path / "nope", skill="x"), InputError, "nope"),
     ]
     for kw, exc, needle in cases:

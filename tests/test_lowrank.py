@@ -129,3 +129,28 @@ def test_auto_uses_randomized_on_huge_tall_matrices(monkeypatch):
     assert out.rank == 8 and tuple(R.shape) not in calls  # only the sketch's small SVDs ran
     truncated_svd(R[:200], rank=8, method="auto")
     assert (200, 96) in calls  # small matrices still take the exact path
+
+
+def test_blocked_randomized_svd_matches_the_optimum_and_reports_its_true_error():
+    from policy_server.merge.lowrank import blocked_randomized_svd, row_blocks
+
+    g = torch.Generator().manual_seed(3)
+    R = (torch.randn(300, 8, generator=g) @ torch.randn(8, 40, generator=g)
+         + 0.05 * torch.randn(300, 40, generator=g))
+    seen = []
+
+    def rows(a, b):
+        seen.append((a, b))
+        return R[a:b].clone()
+
+    lr = blocked_randomized_svd(rows, 300, 40, rank=8, block_numel=40 * 64)
+    assert len(row_blocks(300, 40, 40 * 64)) == 5 and max(b - a for a, b in seen) == 64
+    actual = float(torch.linalg.vector_norm(R - lr.P @ lr.Q) / torch.linalg.vector_norm(R))
+    assert lr.rel_error == pytest.approx(actual, rel=2e-3)  # |R|^2 - sum s^2 in float32 SVD
+    S = torch.linalg.svdvals(R)
+    best = float(torch.sqrt((S[8:] ** 2).sum() / (S ** 2).sum()))
+    assert actual < best * 1.01
+    # Q has orthonormal rows, as every CARVE factor
+    torch.testing.assert_close(lr.Q @ lr.Q.T, torch.eye(8), atol=1e-5, rtol=0)
+    zero = blocked_randomized_svd(lambda a, b: torch.zeros(b - a, 40), 300, 40, rank=8)
+    assert zero.rank == 0 and zero.rel_error == 0.0

@@ -38,7 +38,8 @@ def test_carve_serve_subprocess(tmp_path):
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        assert "shutting down" in proc.stderr.read()
+        err = proc.stderr.read()
+        assert "shutting down" in err and "stopped in" in err
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -49,3 +50,46 @@ def test_carve_serve_bad_input_exit_codes(tmp_path):
                         str(tmp_path / "missing"), "--port", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing" in r.stderr
+
+
+def _serve(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "policy_server.cli", "serve", "--port", "0",
+                           *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_tls_cert_without_key_exits_2_with_one_line(tmp_path):
+    """Used to exit 1 with a Python traceback (a ValueError from the server)."""
+    crt = tmp_path / "crt.pem"
+    crt.write_text("not really a certificate\n")
+    r = _serve("--base", str(tmp_path), "--tls-cert", str(crt))
+    assert r.returncode == 2, r.stderr
+    assert "--tls-cert and --tls-key must be given together" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _serve("--base", str(tmp_path), "--max-episodes", "100")
+    assert r.returncode == 2 and "--max-episodes" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_startup_state_errors_are_one_line_and_the_traceback_needs_v(tmp_path):
+    """A wrong base and a corrupted state: the clear message alone (exit 3 / 4), without the
+    logged traceback that used to come before it; -v adds the traceback."""
+    import shutil
+
+    from policy_server.models.demo_vla import DemoVLABackend
+
+    stack = make_stack(tmp_path / "stack")
+    other = DemoVLABackend(stack["config"], seed=9).save_pretrained(tmp_path / "other")
+    r = _serve("--base", str(other), "--state", str(stack["state"]), "--router", "exact")
+    assert r.returncode == 3, r.stderr
+    assert "is not the base of" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _serve("--base", str(other), "--state", str(stack["state"]), "--router", "exact", "-v")
+    assert r.returncode == 3 and "Traceback" in r.stderr
+    bad = tmp_path / "bad-state"
+    shutil.copytree(stack["state"], bad)
+    blob = bad / "versions" / (bad / "CURRENT").read_text().strip() / "core.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    r = _serve("--base", str(stack["base"]), "--state", str(bad), "--router", "exact")
+    assert r.returncode == 4, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -59,6 +59,8 @@ def test_show_text_and_json(tmp_path, capsys):
 
     assert cli_main(["state", "show", str(store.path), "--json", "--version", "v000001"]) == 0
     m = json.loads(capsys.readouterr().out)
+    disk = m.pop("disk")  # measured from the files, beside the manifest
+    assert disk["version"] == "v000001" and disk["versions"] == 3
     assert m == store.open("v000001").manifest
     assert [s["name"] for s in m["skills"]] == ["pick"]
     assert m["storage"]["stored_params"] == 60 + 76

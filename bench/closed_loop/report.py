@@ -92,8 +92,9 @@ def table_markdown(results: dict) -> str:
              f"{len(skills)} experts admitted in order ({', '.join(skills)}); "
              f"{cfg['episodes']} Meta-World episode(s) per task (seed {cfg['seed']}, "
              f"max {cfg['max_steps']} steps), served over gRPC on CPU. Success in %, "
-             "averaged over each suite's tasks, then over suites. Storage: fraction of the "
-             "expert bank (T full checkpoints) a server keeps. BWT = mean over i<T of "
+             "averaged over each suite's tasks, then over suites. Storage: bytes on disk a "
+             "server keeps (state + base; one checkpoint for a single merged model) over the "
+             "bytes of the expert bank (T full checkpoints). BWT = mean over i<T of "
              "acc[T][i] - acc[i][i] (points). `oracle` = skill id given; `router` = "
              "instruction only (text router). Task-agnostic models (one merged model) marked *.",
              ""]
@@ -185,7 +186,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
         ax.scatter(x, y)
         ax.annotate(", ".join(names), (x, y), fontsize=7, textcoords="offset points",
                     xytext=(4, 3))
-    ax.set_xlabel("storage (fraction of expert bank)")
+    ax.set_xlabel("storage on disk (bytes, fraction of expert bank)")
     ax.set_ylabel("final average success, oracle (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)

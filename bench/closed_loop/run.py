@@ -51,25 +51,30 @@ def per_skill_method(spec: MethodSpec) -> bool:
 
 def storage_fraction(kind: str, storage: dict | None, t: int, per_skill: bool = True,
                      method: str = "") -> dict:
-    """Storage a deployment keeps, as a fraction of the expert bank ``t * P`` (P = one checkpoint).
+    """Storage a deployment keeps on disk, as a fraction of the expert bank's bytes (``t``
+    experts as full checkpoints in their own dtypes).
 
     * the expert bank is the reference: 1.0 by definition (t whole experts);
-    * a state with per-skill entries: ``(P + residual_params) / (t P)`` -- the base and the shared
-      core fold into one checkpoint ``theta0 + C`` (DESIGN 3.1's ``P + sum r(m+n)`` + dense
-      extras; masks count 1/32 per coordinate). The manifest's ``fraction_of_bank_with_base``
-      (base and core kept apart, as this server loads them) is recorded too;
-    * a single model (a checkpoint, or a core-only state, ``theta0 + C``): ``P / (t P) = 1/t``.
+    * a state with per-skill entries: ``(state + base) / bank`` in bytes from the state
+      manifest's ``storage`` (``bytes_fraction_of_bank_with_base``: every file of the version,
+      core, residuals, router artifacts and aux included, plus the base's weight files: what this
+      server holds). The parameter-count figure ``(P + residual_params) / (t P)`` (base and core
+      folded into one checkpoint) is kept as ``param_fraction``;
+    * a single model (a checkpoint, or a core-only state, ``theta0 + C``): one checkpoint of the
+      experts' dtype, ``1/t``.
     """
     if method == "bank":
         return {"fraction": 1.0, "served_fraction": (storage or {}).get(
-            "fraction_of_bank_with_base"), "source": "reference (t whole experts)"}
+            "bytes_fraction_of_bank_with_base"), "source": "reference (t whole experts)"}
     if kind == "state" and storage and per_skill:
         p = int(storage.get("checkpoint_params") or 0)
-        if p <= 0:
-            raise InputError("state manifest storage lacks checkpoint_params")
-        return {"fraction": (p + int(storage.get("residual_params", 0))) / (t * p),
-                "served_fraction": storage.get("fraction_of_bank_with_base"),
-                "source": "(P + residual_params) / (t P), state manifest storage"}
+        frac = storage.get("bytes_fraction_of_bank_with_base")
+        if p <= 0 or frac is None:
+            raise InputError("state manifest storage lacks checkpoint_params or the byte "
+                             "accounting (bytes_fraction_of_bank_with_base)")
+        return {"fraction": float(frac), "served_fraction": float(frac),
+                "param_fraction": (p + int(storage.get("residual_params", 0))) / (t * p),
+                "source": "(state + base) / bank, bytes, state manifest storage"}
     return {"fraction": 1.0 / t, "served_fraction": None,
             "source": "single model: 1 checkpoint / t experts"}
 

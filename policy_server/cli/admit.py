@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 
-from policy_server.dtypes import DTYPE_NAMES
+from policy_server.dtypes import STORE_DTYPE_NAMES
 from policy_server.errors import InputError
 
 _PREFIX = "mopt__"
@@ -107,8 +107,11 @@ def collect_method_options(args: argparse.Namespace, method: str) -> dict:
 
 def _build_hooks(args) -> list:
     from policy_server.merge.hooks import ValueSubspaceHook
+    from policy_server.models.registry import backend_admission_hooks
 
-    hooks = []
+    # first: the base's backend validates the expert (e.g. LeRobot architecture fields, processor
+    # files) before anything heavy is loaded, and stores what it needs per skill
+    hooks = backend_admission_hooks(args.base, args.expert)
     if args.value_subspace:
         hooks.append(ValueSubspaceHook(args.value_subspace, k=args.value_subspace_k))
     if (args.instruction or args.description) and not args.no_embed:
@@ -128,9 +131,12 @@ def _storage_line(storage: dict) -> str:
     parts = []
     if frac is not None:
         parts.append(f"storage {100 * float(frac):.2f}% of the expert bank")
-    for k in ("stored_params", "stored_bytes"):
+    for k in ("stored_params", "version_bytes"):
         if k in storage:
             parts.append(f"{k} {storage[k]:,}" if isinstance(storage[k], int) else f"{k} {storage[k]}")
+    if storage.get("bytes_fraction_of_bank") is not None:
+        parts.append(f"bytes: state / bank {storage['bytes_fraction_of_bank']:.3f}, "
+                     f"(state + base) / bank {storage['bytes_fraction_of_bank_with_base']:.3f}")
     return "; ".join(parts) if parts else "storage: n/a"
 
 
@@ -146,7 +152,8 @@ def run_admit(args) -> int:
         allow_pickle=args.allow_pickle, allow_dtype_mismatch=args.allow_dtype_mismatch,
         allow_base_mismatch=args.allow_base_mismatch,
         dense_patterns=args.dense_pattern or (), store_dtype=args.store_dtype,
-        hooks=_build_hooks(args), progress=not args.no_progress, seed=args.seed))
+        core_dtype=args.core_dtype, keep=args.keep, hooks=_build_hooks(args),
+        progress=not args.no_progress, seed=args.seed))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -160,6 +167,10 @@ def run_admit(args) -> int:
         line += (f"; rank mean {s['rank_mean']:.1f} max {s['rank_max']}; rel_error mean "
                  f"{s['rel_error_mean']:.4f} max {s['rel_error_max']:.4f}")
     print(line)
+    if report["gc"]["removed"] or report["gc"]["held"]:
+        held = report["gc"]["held"]
+        print(f"  retention: removed {', '.join(report['gc']['removed']) or 'nothing'}"
+              + (f"; kept while open by a reader: {', '.join(held)}" if held else ""))
     if report["refit_skills"]:
         print(f"  re-fitted (drift compensation): {', '.join(report['refit_skills'])}")
     return 0
@@ -174,9 +185,13 @@ def add_common_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-pattern", action="append", metavar="GLOB",
                    help="fnmatch glob of checkpoint keys kept dense, never low-rank (repeatable; "
                         "1-D tensors always are), e.g. 'action_head.*'")
-    p.add_argument("--store-dtype", choices=DTYPE_NAMES, default=None,
-                   help="dtype the state stores tensors in (set by the first admission; "
-                        "default float32)")
+    p.add_argument("--store-dtype", choices=STORE_DTYPE_NAMES, default=None,
+                   help="dtype of the stored residual factors (set by the first admission; "
+                        "default 'param': each tensor in its base parameter's dtype)")
+    p.add_argument("--core-dtype", choices=STORE_DTYPE_NAMES, default=None,
+                   help="dtype of the stored core (set by the first admission; default 'param': "
+                        "each tensor in its base parameter's dtype, bf16 for a bf16 base; "
+                        "'float32' keeps a float32 core at twice the bytes)")
     p.add_argument("--seed", type=int, default=0, help="seed of randomized steps (SVD sketches)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -211,6 +226,10 @@ def register(sub) -> None:
                         "(default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--no-embed", action="store_true",
                    help="do not cache instruction embeddings (the server embeds at start)")
+    p.add_argument("--keep", type=int, default=None, metavar="N",
+                   help="versions retained after this admission (default 3; at least 2 so a "
+                        "rollback to the parent works; 0 keeps every version): older ones are "
+                        "garbage-collected unless a live reader has them open")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="admit even when BASE_DIR's fingerprint is not the one the state records "
                         "(logs a warning); refused by default")

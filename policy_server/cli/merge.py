@@ -25,7 +25,7 @@ def run_merge(args) -> int:
                    options=collect_method_options(args, args.method), skills=skills,
                    allow_pickle=args.allow_pickle, allow_dtype_mismatch=args.allow_dtype_mismatch,
                    dense_patterns=args.dense_pattern or (), store_dtype=args.store_dtype,
-                   overwrite=args.overwrite, progress=not args.no_progress, seed=args.seed)
+                   core_dtype=args.core_dtype, overwrite=args.overwrite, progress=not args.no_progress, seed=args.seed)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0

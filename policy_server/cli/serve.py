@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 
 from policy_server.dtypes import DTYPE_NAMES
 
@@ -24,7 +26,12 @@ def register(sub) -> None:
                      help="skip the sha256 check of the state files at load")
     src.add_argument("--allow-base-mismatch", action="store_true",
                      help="serve the state on a base whose fingerprint differs from (or was not "
-                          "recorded in) the state's manifest (warns instead of refusing)")
+                          "recorded in) the state's manifest (warns instead of refusing). The "
+                          "fingerprint is fast: file names, sizes, tensor names/shapes/dtypes and "
+                          "the first and last MiB of each weight file; it does NOT cover bytes in "
+                          "the middle of a file, so a base altered there is not noticed at load. "
+                          "Run `carve state verify STATE --base BASE` (a full content hash) to "
+                          "check every byte")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all)")
     net.add_argument("--port", type=int, default=50051, help="port (0 = pick a free one)")
@@ -32,13 +39,39 @@ def register(sub) -> None:
     net.add_argument("--tls-key", help="PEM private key")
     net.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     net.add_argument("--max-message-mb", type=int, default=32)
-    net.add_argument("--max-workers", type=int, default=64, help="concurrent streams/calls")
+    net.add_argument("--max-workers", type=int, default=64,
+                     help="grpc worker threads (episode streams + unary calls)")
+    net.add_argument("--max-episodes", type=int,
+                     help="concurrent episode streams (RESOURCE_EXHAUSTED beyond); default and "
+                          "maximum: --max-workers minus 4, kept for health and unary calls")
+    net.add_argument("--episode-idle-timeout", type=float, default=30.0, metavar="S",
+                     help="end an episode with DEADLINE_EXCEEDED when no message came for S s")
+    net.add_argument("--grace", type=float, default=10.0, metavar="S",
+                     help="on SIGTERM/SIGINT let running episodes finish for up to S s, then "
+                          "end them with UNAVAILABLE and exit")
+    lim = p.add_argument_group("input limits (refused with INVALID_ARGUMENT / RESOURCE_EXHAUSTED)")
+    lim.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                     help="largest image (width x height), checked from the header before "
+                          "decoding")
+    lim.add_argument("--max-state-sigma", type=float, default=1000.0,
+                     help="refuse a state element more than this many standard deviations (or "
+                          "ranges) from the model's state statistics, where it has them; 0 = off")
+    lim.add_argument("--max-state-abs", type=float, default=1e6,
+                     help="refuse |state element| above this where the model has no state "
+                          "statistics; 0 = off")
     rt = p.add_argument_group("runtime")
     rt.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
     rt.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                     help="served model dtype (cast once, after the core is folded in float32)")
     rt.add_argument("--mode", default="auto", choices=["auto", "fused", "side"],
                     help="apply residuals fused into weights, on a batched side path, or auto")
+    rt.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="torch intra-op threads for CPU serving (default: torch's; on a busy "
+                         "shared machine a small N avoids oversubscription)")
+    rt.add_argument("--vlm-dir", default=None, metavar="DIR",
+                    help="LeRobot SmolVLA: local directory with the VLM's config, tokenizer and "
+                         "processor (used instead of config.json's vlm_model_name; nothing is "
+                         "downloaded)")
     rt.add_argument("--max-batch", type=int, default=16)
     rt.add_argument("--max-wait-ms", type=float, default=2.0,
                     help="how long the micro-batcher waits to fill a batch")
@@ -72,21 +105,57 @@ def engine_config_from_args(args):
                         abstain=args.abstain, min_confidence=args.min_confidence,
                         min_margin=args.min_margin, max_batch=args.max_batch,
                         max_wait_ms=args.max_wait_ms,
-                        allow_base_mismatch=args.allow_base_mismatch)
+                        allow_base_mismatch=args.allow_base_mismatch,
+                        backend_options={"vlm_dir": args.vlm_dir} if args.vlm_dir else {})
+
+
+def server_config_from_args(args, token):
+    """The ``ServerConfig`` of the network and limit options (validated: ``InputError``)."""
+    from policy_server.service.server import ServerConfig
+
+    cfg = ServerConfig(
+        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        auth_token=token, max_message_mb=args.max_message_mb, max_workers=args.max_workers,
+        max_episodes=args.max_episodes, episode_idle_timeout_s=args.episode_idle_timeout,
+        max_image_pixels=args.max_image_pixels, state_sigma=args.max_state_sigma or None,
+        state_abs=args.max_state_abs or None)
+    cfg.validate()
+    return cfg
+
+
+def _exit_if_stuck(seconds: float) -> None:
+    """Last resort of the shutdown bound: ``PolicyServer.stop`` is itself bounded, but a thread
+    stuck in native code could still keep the interpreter from exiting."""
+    def watchdog():
+        time.sleep(seconds)
+        print(f"carve serve: shutdown took more than {seconds:.0f}s; exiting now",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="carve-exit-watchdog", daemon=True).start()
 
 
 def run_serve(args) -> int:
+    """``carve serve``: load, serve until SIGINT/SIGTERM, drain for ``--grace`` s, exit 0."""
+    from policy_server.errors import InputError
     from policy_server.service.auth import read_token_file
-    from policy_server.service.server import PolicyServer, ServerConfig
+    from policy_server.service.server import PolicyServer
     from policy_server.serving import build_engine
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = engine_config_from_args(args)
+    if args.grace < 0:
+        raise InputError(f"--grace: {args.grace} (>= 0)")
     token = read_token_file(args.auth_token_file) if args.auth_token_file else None
-    server = PolicyServer(lambda: build_engine(cfg), ServerConfig(
-        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        auth_token=token, max_message_mb=args.max_message_mb, max_workers=args.max_workers))
+    scfg = server_config_from_args(args, token)  # bad network options fail before loading
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads: {args.threads} (>= 1)")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = engine_config_from_args(args)
+    server = PolicyServer(lambda: build_engine(cfg), scfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -97,6 +166,10 @@ def run_serve(args) -> int:
           f"{len(eng.skills())} skill(s), state {eng.info().get('state_version') or '-'}, "
           f"mode {eng.info().get('mode')}, router {eng.info().get('router')}", flush=True)
     stop.wait()
-    print("carve serve: shutting down (finishing running episodes)", file=sys.stderr, flush=True)
-    server.stop(grace=10.0)
+    print(f"carve serve: shutting down (finishing running episodes, up to {args.grace:g}s)",
+          file=sys.stderr, flush=True)
+    _exit_if_stuck(args.grace + 10.0)
+    t0 = time.monotonic()
+    server.stop(grace=args.grace)
+    print(f"carve serve: stopped in {time.monotonic() - t0:.2f}s", file=sys.stderr, flush=True)
     return 0

@@ -14,7 +14,8 @@ def register(sub) -> None:
     s = ss.add_parser("show", help="method, base, skills, ranks and storage of a version")
     s.add_argument("state_dir", metavar="STATE_DIR")
     s.add_argument("--version", help="version id (default: current)")
-    s.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    s.add_argument("--json", action="store_true",
+                   help="print the whole manifest as JSON, with the measured disk usage as 'disk'")
     s.set_defaults(func=run_show)
 
     s = ss.add_parser("verify", help="recheck every file's sha256")
@@ -22,6 +23,14 @@ def register(sub) -> None:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--version", help="version id (default: current)")
     g.add_argument("--all", action="store_true", help="verify every version")
+    s.add_argument("--base", help="also check this base against the version (default: the "
+                                  "full content hash of every weight file, see --fast)")
+    s.add_argument("--fast", action="store_true",
+                   help="with --base: only the load-time fingerprint (tensor table, file sizes, "
+                        "first and last MiB of each file), as `carve serve` checks it")
+    s.add_argument("--base-sha256", metavar="HEX",
+                   help="with --base: the base's known content sha256 to compare with (when the "
+                        "state records none)")
     s.set_defaults(func=run_verify)
 
     s = ss.add_parser("versions", help="list committed versions")
@@ -67,10 +76,13 @@ def _fmt_frac(x) -> str:
 
 
 def run_show(args) -> int:
+    from policy_server.dtypes import state_dtypes
+
     snap = _store(args).open(args.version)
     m = snap.manifest
     if args.json:
-        print(json.dumps(m, indent=1, sort_keys=True))
+        print(json.dumps({**m, "disk": _store(args).disk_usage(snap.version)}, indent=1,
+                         sort_keys=True))
         return 0
     st = m.get("storage", {})
     base = m.get("base", {})
@@ -78,12 +90,16 @@ def run_show(args) -> int:
     print(f"state {snap.path.parent.parent}  version {snap.version} (parent {m.get('parent')}, "
           f"{m.get('created')})")
     print(f"method {method.get('name')}  options {json.dumps(method.get('options', {}))}")
+    store_dt, core_dt = state_dtypes(m)
     print(f"base fingerprint {str(base.get('fingerprint', ''))[:16]}  "
-          f"params {base.get('num_params', 0):,}  store dtype {m.get('store_dtype')}")
-    print(f"storage: {st.get('stored_params', 0):,} params ({st.get('stored_bytes', 0):,} bytes); "
-          f"core {st.get('core_params', 0):,}, residuals {st.get('residual_params', 0):,}; "
+          f"params {base.get('num_params', 0):,}  dtype {base.get('dtype')}  "
+          f"store dtype {store_dt}  core dtype {core_dt}")
+    print(f"storage: {st.get('stored_params', 0):,} params; core "
+          f"{st.get('core_params', 0):,}, residuals {st.get('residual_params', 0):,}; "
           f"{_fmt_frac(st.get('fraction_of_bank'))} of a {st.get('skills', 0)}-expert bank "
           f"({_fmt_frac(st.get('fraction_of_bank_with_base'))} counting the base)")
+    for line in _bytes_lines(m, _store(args).disk_usage(snap.version)):
+        print(line)
     print(f"skills ({len(snap.skill_names())}):")
     for name in snap.skill_names():
         rec = snap.skill(name)
@@ -102,6 +118,24 @@ def run_show(args) -> int:
     return 0
 
 
+def _bytes_lines(m: dict, du: dict) -> list[str]:
+    """The byte accounting of ``carve state show``: the manifest's figures and the disk's."""
+    from policy_server.state.format import bytes_accounting
+
+    b = bytes_accounting(m)  # recomputed, so states from before the byte fields show them too
+    return [
+        f"bytes: version {b['version_bytes']:,} as stored ({du['version_bytes']:,} on disk with "
+        f"the manifest); all {du['versions']} retained versions {du['retained_bytes']:,} "
+        f"(hard links counted once, as du)",
+        f"       bank of the same experts {b['bank_bytes']:,} (their dtypes); base "
+        f"{b['base_bytes']:,}; state / bank {_fmt_ratio(b['bytes_fraction_of_bank'])}, "
+        f"(state + base) / bank {_fmt_ratio(b['bytes_fraction_of_bank_with_base'])}"]
+
+
+def _fmt_ratio(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def run_verify(args) -> int:
     from policy_server.errors import IntegrityError, StateError
 
@@ -109,6 +143,7 @@ def run_verify(args) -> int:
     if not args.all:
         rep = store.verify(args.version, progress=True)
         print(f"{rep['version']}: ok ({rep['files']} files, {rep['bytes']:,} bytes)")
+        _verify_base(args, store, rep["version"])
         return 0
     versions = [v["id"] for v in store.versions()]
     if not versions:
@@ -126,7 +161,31 @@ def run_verify(args) -> int:
     if bad:
         raise IntegrityError(f"{len(bad)} of {len(versions)} versions failed verification: "
                              f"{', '.join(bad)}")
+    _verify_base(args, store, store.open().version)  # the base is checked against CURRENT
     return 0
+
+
+def _verify_base(args, store, version: str) -> None:
+    """``--base``: the base against ``version``'s manifest (full content unless ``--fast``)."""
+    from policy_server.errors import InputError
+    from policy_server.state.base_verify import verify_base
+
+    if not args.base:
+        if args.fast or args.base_sha256:
+            raise InputError("--fast and --base-sha256 need --base")
+        return
+    rep = verify_base(store.open(version).manifest, args.base,
+                      f"state {args.state_dir} version {version}", full=not args.fast,
+                      expect_sha256=args.base_sha256)
+    if rep["content_sha256"] is None:
+        print(f"base {args.base}: fingerprint ok (fast check: bytes inside the files not read)")
+    elif rep["compared_with"] is None:
+        print(f"base {args.base}: fingerprint ok; content sha256 {rep['content_sha256']} (this "
+              "state records no content hash, so only the fingerprint was compared; pass "
+              "--base-sha256 to compare the content with a known hash)")
+    else:
+        print(f"base {args.base}: content sha256 {rep['content_sha256']} ok (matches the "
+              f"{'given' if rep['compared_with'] == '--base-sha256' else 'recorded'} hash)")
 
 
 def run_versions(args) -> int:
@@ -153,8 +212,10 @@ def run_rollback(args) -> int:
 
 
 def run_gc(args) -> int:
-    removed = _store(args).gc(keep=args.keep)
-    print(f"removed {len(removed)}: {', '.join(removed) or 'nothing'}")
+    rep = _store(args).collect(keep=args.keep)
+    print(f"removed {len(rep['removed'])}: {', '.join(rep['removed']) or 'nothing'}")
+    if rep["held"]:
+        print(f"kept (open by a live reader; retried by the next gc): {', '.join(rep['held'])}")
     return 0
 
 

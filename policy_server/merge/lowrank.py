@@ -57,7 +57,8 @@ def _check_args(R: torch.Tensor, rank, energy, method: str) -> None:
 def truncated_svd(R: torch.Tensor, rank: int | None = None, energy: float | None = None,
                   method: str = "auto", oversample: int = 8, power_iters: int = 2,
                   seed: int = 0) -> LowRank:
-    """Best rank-``r`` factors ``P (m, r)``, ``Q (r, n)`` (float32) of ``R (m, n)``.
+    """Best rank-``r`` factors ``P (m, r)``, ``Q (r, n)`` (float32; float64 for a float64 ``R``)
+    of ``R (m, n)``.
 
     rank: fixed rank (clamped to min(m, n)); with ``energy`` as well it is an upper bound.
     energy: pick the smallest k with ``sum_{i<=k} s_i^2 / |R|_F^2 >= energy``. The denominator is
@@ -71,7 +72,8 @@ def truncated_svd(R: torch.Tensor, rank: int | None = None, energy: float | None
     or when the sketch would cover most of the spectrum). A zero matrix gives rank 0 and rel_error 0.
     """
     _check_args(R, rank, energy, method)
-    R = R.float()
+    # float64 stays float64: the rounding-free reference of bench/bench_core_dtype.py
+    R = R if R.dtype == torch.float64 else R.float()
     m, n = R.shape
     full = min(m, n)
     total_sq = float(torch.linalg.vector_norm(R, dtype=torch.float64) ** 2)
@@ -110,3 +112,61 @@ def truncated_svd(R: torch.Tensor, rank: int | None = None, energy: float | None
     Q = V[:, :k].T.contiguous()
     resid = float(torch.linalg.vector_norm(R - P @ Q, dtype=torch.float64) ** 2)
     return LowRank(P, Q, math.sqrt(min(resid / total_sq, 1.0)))
+
+
+#: a row-block of a blocked matrix holds about this many elements (16 MiB in float32: the
+#: working set of a block, a handful of such temporaries, stays near 100 MiB)
+BLOCK_NUMEL = 1 << 22
+
+
+def row_blocks(m: int, n: int, block_numel: int | None = None) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` row ranges covering ``m`` rows of width ``n``, each about
+    ``block_numel`` elements (default :data:`BLOCK_NUMEL`; at least one row)."""
+    step = max(1, (BLOCK_NUMEL if block_numel is None else block_numel) // max(n, 1))
+    return [(i, min(i + step, m)) for i in range(0, m, step)]
+
+
+def blocked_randomized_svd(rows, m: int, n: int, rank: int, oversample: int = 8,
+                           power_iters: int = 2, seed: int = 0,
+                           block_numel: int | None = None) -> LowRank:
+    """Rank-``rank`` factors of an (m, n) matrix only ever seen in row blocks.
+
+    ``rows(start, stop)`` returns rows ``[start, stop)`` as float32 ``(stop - start, n)``; it is
+    called once per pass (``3 + 2 * power_iters`` passes), so no (m, n) float32 copy ever exists:
+    the working set is one block plus the (m, q) and (n, q) sketches, ``q = rank + oversample``.
+    Same Halko-Martinsson-Tropp range finder as :func:`truncated_svd`'s randomized path (Gaussian
+    test matrix seeded by ``seed`` without touching the global RNG, QR re-orthonormalised power
+    iterations); ``P = Q_Y U_B S`` (m, r) and ``Q = V_B^T`` (r, n) as everywhere. ``rel_error`` is
+    exact for these factors: ``P Q`` is the projection of ``R`` onto ``span(P)``, so
+    ``|R - P Q|^2 = |R|^2 - sum_{i<=r} s_i^2`` with ``|R|^2`` accumulated in float64.
+    """
+    if rank < 0:
+        raise InputError(f"rank must be >= 0, got {rank}")
+    blocks = row_blocks(m, n, block_numel)
+    q = min(rank + oversample, m, n)
+    gen = torch.Generator().manual_seed(int(seed))
+    omega = torch.randn(n, q, generator=gen)
+    total_sq, Y = 0.0, torch.empty(m, q)
+    for a, b in blocks:  # pass 1: the sketch Y = R omega, and |R|_F^2
+        R = rows(a, b)
+        total_sq += float(torch.linalg.vector_norm(R, dtype=torch.float64) ** 2)
+        Y[a:b] = R @ omega
+    if total_sq == 0.0 or rank == 0 or q == 0:
+        return LowRank(torch.zeros(m, 0), torch.zeros(0, n), 0.0 if total_sq == 0.0 else 1.0)
+    for _ in range(power_iters):  # two passes each: Z = R^T Q_Y, then Y = R Q_Z
+        Qy = torch.linalg.qr(Y).Q
+        Z = torch.zeros(n, q)
+        for a, b in blocks:
+            Z += rows(a, b).T @ Qy[a:b]
+        Qz = torch.linalg.qr(Z).Q
+        for a, b in blocks:
+            Y[a:b] = rows(a, b) @ Qz
+    Qy = torch.linalg.qr(Y).Q
+    B = torch.zeros(q, n)
+    for a, b in blocks:  # last pass: B = Q_Y^T R (q, n), small enough for an exact SVD
+        B += Qy[a:b].T @ rows(a, b)
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    k = min(rank, S.numel())
+    kept = float(torch.sum(S[:k].double() ** 2))
+    P = (Qy @ (Ub[:, :k] * S[:k])).contiguous()
+    return LowRank(P, Vh[:k].contiguous(), math.sqrt(min(max(1.0 - kept / total_sq, 0.0), 1.0)))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from policy_server.base_check import check_base
-from policy_server.dtypes import dtype_name, parse_dtype
+from policy_server.dtypes import PARAM_DTYPE, check_store_dtype_spec, dtype_name, state_dtypes
 from policy_server.errors import InputError, StateError
 from policy_server.merge.hooks import AdmissionHook
 from policy_server.merge.methods.base import (
@@ -49,15 +49,16 @@ def json_norm(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def check_store_dtype(store_dtype: str | torch.dtype | None) -> str | None:
-    """The store dtype's manifest name (``"bfloat16"``), None when not given; InputError else."""
-    if store_dtype is None:
-        return None
-    return dtype_name(parse_dtype(store_dtype, "store dtype"))
+def check_store_dtype(store_dtype: str | torch.dtype | None, field: str = "store dtype"
+                      ) -> str | None:
+    """The store dtype's manifest name (``"bfloat16"``, or ``"param"``: each tensor in its base
+    parameter's dtype), None when not given; InputError else."""
+    return check_store_dtype_spec(store_dtype, field)
 
 
 def base_record(base: CheckpointReader) -> dict:
-    """The manifest's ``base`` entry: fingerprint, parameter count, main dtype, tensor table."""
+    """The manifest's ``base`` entry: fingerprint, parameter count, main dtype, tensor table,
+    bytes of its weight files on disk and of its tensors' data."""
     tensors = {k: {"shape": list(base.shape(k)), "dtype": dtype_name(base.dtype(k))}
                for k in base.keys()}
     counts: dict[str, int] = {}
@@ -66,14 +67,17 @@ def base_record(base: CheckpointReader) -> dict:
         counts[name] = counts.get(name, 0) + math.prod(base.shape(k))
     main = max(counts, key=counts.get) if counts else "float32"
     return {"fingerprint": base.fingerprint(), "num_params": base.num_params(), "dtype": main,
-            "path": str(Path(base.path).resolve()), "tensors": tensors}
+            "path": str(Path(base.path).resolve()), "tensors": tensors,
+            "file_bytes": base.file_bytes(), "tensor_bytes": base.tensor_bytes()}
 
 
-def tensor_context(key: str, shape: Sequence[int], dense_patterns: Sequence[str] = ()
-                   ) -> TensorContext:
-    """Context for one tensor: dense when not 2-D or matching a ``dense_patterns`` glob."""
+def tensor_context(key: str, shape: Sequence[int], dense_patterns: Sequence[str] = (),
+                   core_dtype: torch.dtype | None = None) -> TensorContext:
+    """Context for one tensor: dense when not 2-D or matching a ``dense_patterns`` glob;
+    ``core_dtype`` is the dtype its core will be stored in (None: not stored, e.g. a checkpoint)."""
     dense = len(shape) != 2 or any(fnmatch.fnmatchcase(key, p) for p in dense_patterns)
-    return TensorContext(name=key, shape=tuple(int(s) for s in shape), dense=dense)
+    return TensorContext(name=key, shape=tuple(int(s) for s in shape), dense=dense,
+                         core_dtype=core_dtype)
 
 
 def float_keys(base: CheckpointReader) -> list[str]:
@@ -140,6 +144,8 @@ class AdmitRequest:
     allow_base_mismatch: bool = False
     dense_patterns: Sequence[str] = ()
     store_dtype: str | None = None
+    core_dtype: str | None = None
+    keep: int | None = None
     hooks: Sequence[AdmissionHook] = ()
     progress: bool = True
     seed: int = 0
@@ -149,14 +155,16 @@ class AdmitRequest:
 class AdmissionPlan:
     """What one admission will do, decided before streaming.
 
-    method: the instantiated method; t: its admission index; store_dtype: the state's dtype name;
-    existing: skill names already in the state; replacing: the skill is re-admitted; base: the
-    manifest ``base`` entry of the base checkpoint.
+    method: the instantiated method; t: its admission index; store_dtype / core_dtype: the
+    state's residual and core dtype specs (``"param"`` or a dtype name); existing: skill names
+    already in the state; replacing: the skill is re-admitted; base: the manifest ``base`` entry
+    of the base checkpoint.
     """
 
     method: MergeMethod
     t: int
     store_dtype: str
+    core_dtype: str
     existing: frozenset[str]
     replacing: bool
     base: dict
@@ -180,7 +188,9 @@ def plan_admission(req: AdmitRequest, manifest: dict | None, base: CheckpointRea
     """
     skill, state_desc = req.skill, str(req.state_dir)
     check_skill_name(skill)
+    check_keep(req.keep)
     store_dtype = check_store_dtype(req.store_dtype)
+    core_dtype = check_store_dtype(req.core_dtype, "core dtype")
     method = req.method
     if method is None:  # the state's method, or CARVE for a new state
         method = ((manifest or {}).get("method") or {}).get("name") or "carve"
@@ -193,19 +203,37 @@ def plan_admission(req: AdmitRequest, manifest: dict | None, base: CheckpointRea
     if manifest is not None:
         check_base(manifest, brec["fingerprint"], base.path, f"state {state_desc}",
                    allow_mismatch=req.allow_base_mismatch)
-        stored_dtype = manifest.get("store_dtype", "float32")
-        if store_dtype is not None and store_dtype != stored_dtype:
-            raise StateError(f"state {state_desc} stores {stored_dtype}; cannot admit with "
-                             f"store dtype {store_dtype}")
-        store_dtype = stored_dtype
+        store_dtype, core_dtype = (_fixed_dtype(state_desc, what, given, stored)
+                                   for what, given, stored in
+                                   zip(("store dtype", "core dtype"), (store_dtype, core_dtype),
+                                       state_dtypes(manifest)))
         existing = {s["name"] for s in manifest.get("skills", [])}
         if skill in existing and not req.replace:
             raise StateError(f"skill {skill!r} is already in state {state_desc} (version "
                              f"{manifest.get('version')}); pass replace=True / --replace to "
                              f"re-admit it")
     return AdmissionPlan(method=method_cls(opts, seed=req.seed), t=_admission_index(manifest),
-                         store_dtype=store_dtype or "float32", existing=frozenset(existing),
+                         store_dtype=store_dtype or PARAM_DTYPE,
+                         core_dtype=core_dtype or PARAM_DTYPE, existing=frozenset(existing),
                          replacing=skill in existing, base=brec)
+
+
+def check_keep(keep: int | None) -> None:
+    """Retention of an admission: None (the default), 0 (keep every version) or an int >= 2 (the
+    current version and its parent at least, so a rollback always has somewhere to go)."""
+    if keep is None:
+        return
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0 or keep == 1:
+        raise InputError(f"--keep {keep!r}: use 0 (keep every version) or an integer >= 2 "
+                         f"(the current version and its parent at least, so rollback works)")
+
+
+def _fixed_dtype(state_desc: str, what: str, given: str | None, stored: str) -> str:
+    """A state's dtype is fixed at creation: a different one given again is a StateError."""
+    if given is not None and given != stored:
+        raise StateError(f"state {state_desc} stores {what} {stored}; cannot admit with "
+                         f"{what} {given} (fixed when the state was created)")
+    return stored
 
 
 def merge_skill_names(expert_dirs: Sequence[Path], skills: Sequence[str] | None) -> list[str]:

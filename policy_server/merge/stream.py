@@ -13,11 +13,13 @@ the plain base tensor; we prefer sharing the core where the expert had nothing t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from policy_server.dtypes import PARAM_DTYPE, storage_dtype
 from policy_server.errors import StateError
 from policy_server.merge.hooks import AdmissionHook, run_hooks
 from policy_server.merge.methods.base import MergeMethod, TensorState, fold_step
@@ -77,17 +79,24 @@ class AdmittedTensor:
 
 
 def stream_admission(method: MergeMethod, t: int, skill: str, base: CheckpointReader,
-                     expert: ExpertSource, prior: PriorState, core_dtype: torch.dtype,
+                     expert: ExpertSource, prior: PriorState, core_dtype: str = PARAM_DTYPE,
                      dense_patterns: Sequence[str] = (), hooks: Sequence[AdmissionHook] = (),
                      show_progress: bool = True) -> Iterator[AdmittedTensor]:
     """Admit ``expert`` as step ``t`` named ``skill``, one floating base tensor at a time.
 
     Consumes ``prior`` (its core and aux are popped tensor by tensor, so an old core tensor is
-    freed once replaced). Task vectors are float32; the yielded core is already cast to
-    ``core_dtype`` (a bf16 state then holds its new core in half the memory of a float32 one).
+    freed once replaced). Task vectors are float32; ``core_dtype`` is the state's core dtype spec
+    (``"param"``: each key in its base parameter's dtype, or a dtype name). The method sees it in
+    ``TensorContext.core_dtype`` and the yielded core is already cast to it (a bf16 state then
+    holds its new core in half the memory of a float32 one).
     """
     keys = float_keys(base)
     for key in progress(keys, show_progress, f"admit {skill}", len(keys)):
+        cdt = storage_dtype(core_dtype, base.dtype(key))
+        ctx = tensor_context(key, base.shape(key), dense_patterns, cdt)
+        if by_rows(method, ctx, expert, hooks, prior):
+            yield _admit_by_rows(method, ctx, expert, prior, t, skill)
+            continue
         tau = expert.task_vector(key)
         if hooks:
             run_hooks(hooks, base, key, tau)
@@ -96,18 +105,47 @@ def stream_admission(method: MergeMethod, t: int, skill: str, base: CheckpointRe
         if is_unchanged(tau):
             yield AdmittedTensor(key, core, flat_aux(key, aux), unchanged=True)
             continue
-        ctx = tensor_context(key, base.shape(key), dense_patterns)
         state = TensorState(core=core.float() if core is not None else None, aux=aux,
                             residuals={s: r[key] for s, r in prior.residuals.items() if key in r})
         res, _ = fold_step(method, ctx, tau, state, t, skill)
         del tau, state
         yield AdmittedTensor(
             key,
-            res.core.detach().to(core_dtype).contiguous() if res.core is not None else None,
+            res.core.detach().to(cdt).contiguous() if res.core is not None else None,
             {k: a.detach().contiguous() for k, a in flat_aux(key, res.aux or {}).items()},
             entry=res.entry,
             record=entry_record(res.entry, ctx.shape, res.info) if res.entry is not None else None,
             refits={s: (e, entry_record(e, ctx.shape)) for s, e in res.updated.items()})
+
+
+#: tensors with at least this many elements are admitted in row blocks when the method and the
+#: expert allow it (128 MiB in float32: vocabulary embeddings and LM heads, not layer matrices)
+BLOCKED_MIN_NUMEL = 1 << 25
+
+
+def by_rows(method: MergeMethod, ctx, expert: ExpertSource, hooks: Sequence[AdmissionHook],
+            prior: PriorState, min_numel: int | None = None) -> bool:
+    """Whether tensor ``ctx`` is admitted in row blocks: large enough (``min_numel``, default
+    :data:`BLOCKED_MIN_NUMEL`), the method supports it for this tensor, the expert can read it by
+    rows, no hook wants the whole tensor and the method carries no aux for it."""
+    limit = BLOCKED_MIN_NUMEL if min_numel is None else min_numel
+    return (math.prod(ctx.shape) >= limit and method.supports_blocks(ctx)
+            and expert.supports_rows(ctx.name) and not any(h.wants(ctx.name) for h in hooks)
+            and not prior.aux.get(ctx.name))
+
+
+def _admit_by_rows(method: MergeMethod, ctx, expert: ExpertSource, prior: PriorState, t: int,
+                   skill: str) -> AdmittedTensor:
+    """One tensor admitted from row blocks (see :meth:`MergeMethod.admit_blocked`)."""
+    core = prior.core.pop(ctx.name, None)
+    prior.aux.pop(ctx.name, None)
+    res = method.admit_blocked(ctx, lambda a, b: expert.task_vector_rows(ctx.name, a, b), core,
+                               t, skill)
+    if res is None:  # all zero: unchanged, as the whole-tensor path decides
+        return AdmittedTensor(ctx.name, core, {}, unchanged=True)
+    del core
+    return AdmittedTensor(ctx.name, res.core.to(ctx.core_dtype).contiguous(), {},
+                          entry=res.entry, record=entry_record(res.entry, ctx.shape, res.info))
 
 
 @dataclass
@@ -173,8 +211,13 @@ def _merge_by_folding(method: MergeMethod, ctx, taus: list, names: Sequence[str]
 
 def stream_merge(method: MergeMethod, base: CheckpointReader, experts: Sequence[ExpertSource],
                  names: Sequence[str], dense_patterns: Sequence[str] = (),
-                 show_progress: bool = True) -> Iterator[MergedTensor]:
+                 show_progress: bool = True, core_dtype: str | None = None
+                 ) -> Iterator[MergedTensor]:
     """Merge ``experts`` (named ``names``) tensor by tensor over every base key, in key order.
+
+    ``core_dtype``: the core dtype spec of the state the merge is written to (None: a
+    checkpoint, where the core is folded into the base in float32); methods see it in
+    ``TensorContext.core_dtype``.
 
     Each step reads one tensor from the base's experts (N + 1 tensors in RAM, float32). A
     ``one_shot`` method gets every task vector at once (missing/None ones as zeros); a continual
@@ -189,7 +232,8 @@ def stream_merge(method: MergeMethod, base: CheckpointReader, experts: Sequence[
             yield MergedTensor(key, False)
             continue
         taus = [e.task_vector(key) for e in experts]
-        ctx = tensor_context(key, base.shape(key), dense_patterns)
+        cdt = storage_dtype(core_dtype, base.dtype(key)) if core_dtype is not None else None
+        ctx = tensor_context(key, base.shape(key), dense_patterns, cdt)
         if all(is_unchanged(x) for x in taus):
             yield MergedTensor(key, True, None, {}, [None] * len(experts), [None] * len(experts))
         elif method.one_shot:

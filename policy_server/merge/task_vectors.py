@@ -60,6 +60,22 @@ class ExpertSource:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def supports_rows(self, key: str) -> bool:
+        """True when :meth:`task_vector_rows` can read ``key`` a row block at a time."""
+        return False
+
+    def task_vector_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """float32 rows ``[start, stop)`` of ``key``'s task vector (only when
+        :meth:`supports_rows`): what lets a huge tensor be admitted without a full copy. The
+        caller checks them for non-finite values (once, not on every re-read)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read task vectors by rows")
+
+    def bank_bytes(self) -> int:
+        """Bytes this expert takes as a full model in its own dtypes: what an expert bank pays
+        to keep it. Default: the base's tensors (an expert given as a delta implies a full model
+        of the base's dtypes)."""
+        return self.base.tensor_bytes()
+
     def close(self) -> None:
         """Release open file handles (reopened lazily if used again)."""
 
@@ -90,6 +106,22 @@ class FullExpert(ExpertSource):
 
     def fingerprint(self) -> str:
         return self.reader.fingerprint()
+
+    def supports_rows(self, key: str) -> bool:
+        return key in self.base and self.base.dtype(key).is_floating_point and bool(
+            self.base.shape(key))
+
+    def task_vector_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """float32 ``expert[key][start:stop] - base[key][start:stop]``, reading only those rows.
+
+        Not checked for finite values: a row-block admission reads every block several times and
+        checks them on its first pass (``CarveMethod.admit_blocked``)."""
+        return (self.reader.get_rows(key, start, stop).float()
+                - self.base.get_rows(key, start, stop).float())
+
+    def bank_bytes(self) -> int:
+        """The expert checkpoint's tensors over the base's keys, in the expert's own dtypes."""
+        return self.reader.tensor_bytes([k for k in self.base.keys() if k in self.reader])
 
     def close(self) -> None:
         self.reader.close()

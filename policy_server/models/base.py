@@ -9,7 +9,7 @@ clipping. Keeping the split this way is what lets one runtime serve any backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +23,41 @@ from policy_server.models.features import NO_ROUTING_FEATURES, RoutingFeatures
 @dataclass
 class ObservationBatch:
     """A batch of B observations. state: (B, state_dim) float32; images: key -> (B, H, W, C) uint8;
-    instructions: B strings."""
+    instructions: B strings.
+
+    Per-row context for backends with per-skill processing or per-episode state (LeRobot's
+    per-skill normalisation, diffusion's observation queues); None when unknown, which such a
+    backend treats as core-only / a one-call episode. skills: B skill names (None = core-only),
+    filled by the runtime; episode_ids: B episode ids, filled by the service."""
 
     state: np.ndarray
     instructions: list[str]
     images: dict[str, np.ndarray] = field(default_factory=dict)
+    skills: list[str | None] | None = None
+    episode_ids: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.instructions)
+
+    def take(self, rows: list[int]) -> "ObservationBatch":
+        """Sub-batch with the given row indices (in that order), per-row context included."""
+        pick = (lambda xs: None if xs is None else [xs[i] for i in rows])
+        return ObservationBatch(state=self.state[rows],
+                                instructions=[self.instructions[i] for i in rows],
+                                images={k: v[rows] for k, v in self.images.items()},
+                                skills=pick(self.skills), episode_ids=pick(self.episode_ids))
+
+    def with_skills(self, skills: list[str | None]) -> "ObservationBatch":
+        """The same batch with ``skills`` as its per-row skills (arrays are shared, not copied)."""
+        return replace(self, skills=list(skills))
+
+    @staticmethod
+    def concat_context(batches: list["ObservationBatch"], name: str) -> list | None:
+        """Per-row context ``name`` ("skills" / "episode_ids") of concatenated batches; None when
+        no batch has it (rows of batches without it get None)."""
+        if all(getattr(b, name) is None for b in batches):
+            return None
+        return [x for b in batches for x in (getattr(b, name) or [None] * len(b))]
 
 
 class PolicyBackend(ABC):
@@ -39,6 +66,9 @@ class PolicyBackend(ABC):
 
     spec: PolicySpec
     module: nn.Module
+    # True: camera images of another size than ``spec.images`` are accepted and resized to it
+    # (the transport does it before batching; see ``service.validation``). False: refused.
+    resizes_images: bool = False
 
     @classmethod
     @abstractmethod
@@ -58,6 +88,18 @@ class PolicyBackend(ABC):
         places a backend only through this. Returns self."""
         self.module.to(device=device, dtype=dtype)
         return self
+
+    def attach_state(self, snapshot) -> None:
+        """Called by the composition root with the merge-state snapshot before the runtime is
+        built: a backend with per-skill non-weight data (e.g. LeRobot's per-skill processors,
+        stored as skill artifacts) loads it here. Default: nothing."""
+
+    @classmethod
+    def admission_hooks(cls, base_dir: str | Path, expert_dir: str | Path) -> list:
+        """``merge.hooks.AdmissionHook``s this backend needs when ``expert_dir`` is admitted over
+        ``base_dir`` (``carve admit`` adds them; e.g. storing per-skill processor files).
+        Default: none."""
+        return []
 
     @property
     def routing_features(self) -> RoutingFeatures:

@@ -1,5 +1,11 @@
 """Backend registry: ``load_backend(dir)`` picks the ``PolicyBackend`` class from ``config.json``'s
-``model_type`` (the Hugging Face convention), so the runtime and the service never name a backend."""
+``model_type`` (the Hugging Face convention), so the runtime and the service never name a backend.
+
+Directories of other ecosystems (a LeRobot policy's ``config.json`` has ``"type"``, no
+``model_type``) are recognised by *detectors*: ``register_detector(fn)`` with
+``fn(path, config_dict) -> PolicyBackend subclass | None``, asked in registration order when no
+``model_type`` matches. A detector must be cheap and must not import heavy packages unless the
+directory is its own (the LeRobot one imports LeRobot only inside ``load``)."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from policy_server.errors import InputError
 from policy_server.models.base import PolicyBackend
 
 _BACKENDS: dict[str, type[PolicyBackend]] = {}
+_DETECTORS: list = []
 
 
 def register_backend(model_type: str, cls: type[PolicyBackend]) -> type[PolicyBackend]:
@@ -30,10 +37,15 @@ def registered_backends() -> dict[str, type[PolicyBackend]]:
     return dict(_BACKENDS)
 
 
-def read_model_type(path: str | Path) -> str:
-    """``model_type`` from ``path/config.json``; InputError when missing or malformed."""
-    cfg = Path(path) / "config.json"
-    if not Path(path).is_dir():
+def register_detector(fn) -> None:
+    """Add ``fn(path: Path, config: dict) -> type[PolicyBackend] | None`` (idempotent)."""
+    if fn not in _DETECTORS:
+        _DETECTORS.append(fn)
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not path.is_dir():
         raise InputError(f"{path}: not a model directory")
     if not cfg.is_file():
         raise InputError(f"{path}: no config.json (expected a Hugging Face-layout model directory)")
@@ -41,27 +53,72 @@ def read_model_type(path: str | Path) -> str:
         data = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg}: invalid JSON: {e}") from None
-    mt = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise InputError(f"{cfg}: expected a JSON object")
+    return data
+
+
+def detect_backend(path: str | Path) -> type[PolicyBackend]:
+    """The backend class for the model directory ``path``: by ``model_type``, else the first
+    detector that claims it; InputError naming what is registered otherwise."""
+    path = Path(path)
+    data = _read_config(path)
+    mt = data.get("model_type")
+    if isinstance(mt, str) and mt in _BACKENDS:
+        return _BACKENDS[mt]
+    for fn in _DETECTORS:
+        cls = fn(path, data)
+        if cls is not None:
+            return cls
     if not isinstance(mt, str):
-        raise InputError(f"{cfg}: no string 'model_type' field")
+        raise InputError(f"{path / 'config.json'}: no string 'model_type' field, and no "
+                         "registered detector recognises it (e.g. a LeRobot policy needs "
+                         "'type', 'input_features' and 'output_features')")
+    raise InputError(f"{path / 'config.json'}: unknown model_type {mt!r}; registered: "
+                     f"{sorted(_BACKENDS)}")
+
+
+def backend_admission_hooks(base_dir: str | Path, expert_dir: str | Path) -> list:
+    """The admission hooks the base's backend asks for (``PolicyBackend.admission_hooks``); none
+    when ``base_dir`` is not a recognised model directory (e.g. a bare checkpoint), since
+    admission itself works on tensors alone."""
+    try:
+        cls = detect_backend(base_dir)
+    except InputError:
+        return []
+    return list(cls.admission_hooks(base_dir, expert_dir))
+
+
+def read_model_type(path: str | Path) -> str:
+    """``model_type`` from ``path/config.json``; InputError when missing or malformed."""
+    data = _read_config(Path(path))
+    mt = data.get("model_type")
+    if not isinstance(mt, str):
+        raise InputError(f"{Path(path) / 'config.json'}: no string 'model_type' field")
     return mt
 
 
-def load_backend(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
-                 ) -> PolicyBackend:
-    """Load the model directory ``path`` with the backend registered for its ``model_type``."""
-    mt = read_model_type(path)
-    cls = _BACKENDS.get(mt)
-    if cls is None:
-        raise InputError(f"{Path(path) / 'config.json'}: unknown model_type {mt!r}; registered: "
-                         f"{sorted(_BACKENDS)}")
-    return cls.load(path, device=device, dtype=dtype)
+def load_backend(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 **options) -> PolicyBackend:
+    """Load the model directory ``path`` with the backend :func:`detect_backend` picks;
+    ``options`` are backend-specific load options (e.g. LeRobot's ``vlm_dir``), passed only
+    when given."""
+    cls = detect_backend(path)
+    return cls.load(path, device=device, dtype=dtype, **options)
 
 
 def _register_builtins() -> None:
     from policy_server.models.demo_vla import MODEL_TYPE, DemoVLABackend
 
     register_backend(MODEL_TYPE, DemoVLABackend)
+    # detectors import nothing heavy; the LeRobot one imports LeRobot only for a LeRobot dir
+    from policy_server.models.lerobot import detect as detect_lerobot
+
+    register_detector(detect_lerobot)
+    # OpenVLA / Prismatic (model_type "openvla" | "prismatic"); timm is imported only on load
+    from policy_server.models.openvla import detect as detect_openvla
+
+    register_detector(detect_openvla)
 
 
 _register_builtins()

@@ -3,9 +3,11 @@
 Several robots (episodes) call in from their own threads; one worker thread takes the oldest
 request, then keeps collecting until ``max_batch`` requests or until that oldest request has waited
 ``max_wait_ms``, runs one batched inference (mixed skills are fine: the runtime picks fused or the
-side path), and resolves each request's future with its own (chunk, A) row. The bounded wait caps
-the latency a request pays for batching; the bounded queue gives back-pressure instead of an
-unbounded backlog (the service maps ``BatcherFull`` to RESOURCE_EXHAUSTED).
+side path), and resolves each request's future with its own (chunk, A) row, or with the error of
+that row alone (a NaN output; or, when the whole batched call fails, the error each row meets when
+the batch is re-run row by row), so one robot's bad observation never fails another robot's step.
+The bounded wait caps the latency a request pays for batching; the bounded queue gives
+back-pressure instead of an unbounded backlog (the service maps ``BatcherFull`` to RESOURCE_EXHAUSTED).
 
 Feature captures for the observation routers (``capture``) go through the same queue: the worker
 runs each one alone, in submission order with the inference requests around it, so a route sees
@@ -58,7 +60,8 @@ def concat_observations(obs: list[ObservationBatch]) -> ObservationBatch:
     return ObservationBatch(
         state=np.concatenate([o.state for o in obs], axis=0),
         instructions=[s for o in obs for s in o.instructions],
-        images={k: np.concatenate([o.images[k] for o in obs], axis=0) for k in sorted(keys)})
+        images={k: np.concatenate([o.images[k] for o in obs], axis=0) for k in sorted(keys)},
+        episode_ids=ObservationBatch.concat_context(obs, "episode_ids"))
 
 
 class MicroBatcher:
@@ -173,11 +176,43 @@ class MicroBatcher:
             return
         self.batch_sizes.append(len(live))
         try:
-            obs = concat_observations([r.obs for r in live])
-            actions = self.runtime.infer(obs, [r.skill for r in live])
+            results = self._infer_rows(live)
+        except Exception as exc:
+            if len(live) == 1:
+                live[0].future.set_exception(exc)
+                return
+            # fault isolation: one row's bad input must not fail the others, so a failed batch
+            # is served again row by row and only the offending rows' futures get the error
+            for r in live:
+                self._serve_alone(r)
+            return
         except BaseException as exc:  # every waiter must hear about it, whatever it is
             for r in live:
                 r.future.set_exception(exc)
             return
-        for r, a in zip(live, actions):
-            r.future.set_result(a)
+        for r, res in zip(live, results):
+            if isinstance(res, BaseException):
+                r.future.set_exception(res)
+            else:
+                r.future.set_result(res)
+
+    def _serve_alone(self, req: _Request) -> None:
+        try:
+            res = self._infer_rows([req])[0]
+        except Exception as exc:
+            res = exc
+        if isinstance(res, BaseException):
+            req.future.set_exception(res)
+        else:
+            req.future.set_result(res)
+
+    def _infer_rows(self, reqs: list[_Request]) -> list:
+        """Per-row results (actions or an exception) of one batched forward. A runtime with
+        ``infer_rows`` reports bad rows individually; one with only ``infer`` (all or nothing)
+        raises for the batch, and ``_serve`` then isolates by serving the rows alone."""
+        obs = concat_observations([r.obs for r in reqs])
+        skills = [r.skill for r in reqs]
+        per_row = getattr(self.runtime, "infer_rows", None)
+        if per_row is not None:
+            return per_row(obs, skills)
+        return list(self.runtime.infer(obs, skills))

@@ -42,10 +42,9 @@ _FOLDED_ATTR = "_carve_core_folded"  # set on the module so a second runtime can
 
 
 def take_rows(batch: ObservationBatch, rows: list[int]) -> ObservationBatch:
-    """Sub-batch of ``batch`` with the given row indices (in that order)."""
-    return ObservationBatch(state=batch.state[rows],
-                            instructions=[batch.instructions[i] for i in rows],
-                            images={k: v[rows] for k, v in batch.images.items()})
+    """Sub-batch of ``batch`` with the given row indices (in that order), per-row skills and
+    episode ids included (a LeRobot backend reads them)."""
+    return batch.take(rows)
 
 
 class PolicyRuntime:
@@ -132,15 +131,30 @@ class PolicyRuntime:
     # ---- inference --------------------------------------------------------------------------
     def infer(self, batch: ObservationBatch, skills: list[str | None]) -> np.ndarray:
         """Actions (B, chunk, A) float32 for ``batch``, row ``i`` under ``skills[i]`` (None =
-        core-only), clipped to ``spec.action_low/high``."""
+        core-only), clipped to ``spec.action_low/high``; ``NonFiniteActions`` (nothing
+        returned) when any row is NaN/inf."""
+        return self._guard(self._forward(batch, skills), skills)
+
+    def infer_rows(self, batch: ObservationBatch, skills: list[str | None]
+                   ) -> list[np.ndarray | Exception]:
+        """Like :meth:`infer`, per row: row ``i`` is its (chunk, A) float32 actions, or a
+        ``NonFiniteActions`` when that row (only) came out NaN/inf. What the micro-batcher uses,
+        so one robot's bad output never costs another robot its step."""
+        y, bad = self._guard.rows(self._forward(batch, skills), skills)
+        bad_set = set(bad)
+        return [self._guard.error([i], skills) if i in bad_set else y[i]
+                for i in range(len(skills))]
+
+    def _forward(self, batch: ObservationBatch, skills: list[str | None]) -> np.ndarray:
         if len(skills) != len(batch):
             raise InputError(f"infer: {len(skills)} skills for a batch of {len(batch)} rows")
         if len(batch) == 0:
             raise InputError("infer: empty batch")
         rows = [self.skill_index(s) for s in skills]
+        batch = batch.with_skills(skills)  # backends with per-skill processors read row skills
         with self._lock, torch.inference_mode():
             out = self._run(batch, rows)
-        return self._guard(out.detach().to("cpu", torch.float32).numpy(), skills)
+        return out.detach().to("cpu", torch.float32).numpy()
 
     def capture(self, batch: ObservationBatch, module_keys: Sequence[str],
                 skill: str | None = None) -> dict[str, torch.Tensor]:
@@ -154,6 +168,7 @@ class PolicyRuntime:
         if len(batch) == 0:
             raise InputError("capture: empty batch")
         rows = [self.skill_index(skill)] * len(batch)
+        batch = batch.with_skills([skill] * len(batch))
         cap = InputCapture(self.backend.module, module_keys)
         with self._lock, torch.inference_mode(), cap:
             self._run(batch, rows)

@@ -53,6 +53,12 @@ class PolicyEngine(ABC):
         """One observation (batch of 1) -> (chunk_length, action_dim) float32, clipped, finite.
         ``skill`` None runs the core only."""
 
+    @property
+    def resizes_images(self) -> bool:
+        """Whether camera images of another size than the spec's are accepted (resized to it by
+        the transport, and said so in the episode's notes) instead of refused."""
+        return False
+
     def info(self) -> dict:
         """Free-form facts for ServerInfo (backend, mode, state version, router...)."""
         return {}

@@ -4,27 +4,38 @@ Threading model: grpc's synchronous server with a thread pool; each episode stre
 thread and blocks only on its own inference future. Concurrent episodes meet in the runtime's
 ``MicroBatcher``, which runs one batched forward for all of them (torch releases the GIL), so a slow
 or idle robot never stalls another (unlike a single-threaded event loop doing inference inline).
+
+Bounds: at most ``max_episodes`` episode streams run at once (default and maximum: the pool's
+threads minus ``RESERVED_WORKERS``), so health checks and unary calls always find a free worker
+however many robots hold a stream open; an episode with no message for ``episode_idle_timeout_s`` is ended.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import grpc
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
-from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from policy_server.errors import CarveError, InputError
 from policy_server.service.auth import TokenAuthInterceptor
 from policy_server.service.servicer import EngineHolder, PolicyServicer
+from policy_server.service.validation import InputLimits
+from policy_server.service.wire import policy_service_handler
 
 log = logging.getLogger("carve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
+_GRPC_GRACE_S = 1.0   # grpc's own grace once our episodes are done (unary calls in flight)
+_END_WAIT_S = 1.0     # how long ended episodes get to send their UNAVAILABLE
+RESERVED_WORKERS = 4  # pool threads episodes can never take (health, ListSkills, ServerInfo...)
 
 
 @dataclass
@@ -34,6 +45,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051               # 0 picks a free port
     max_workers: int = 64           # concurrent streams + unary calls
+    max_episodes: int | None = None  # concurrent episode streams; None: max_workers - RESERVED
+    episode_idle_timeout_s: float | None = 30.0  # no message for that long ends an episode
     max_message_mb: int = 32
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
@@ -42,6 +55,39 @@ class ServerConfig:
     tls_key: str | None = None
     auth_token: str | None = None
     max_image_pixels: int = 4096 * 4096
+    state_sigma: float | None = 1000.0   # state bound from the model's statistics (None: off)
+    state_abs: float | None = 1e6        # state bound without statistics (None: off)
+
+    def validate(self) -> None:
+        """``InputError`` naming the option for a setting the server cannot run with."""
+        if self.max_workers < RESERVED_WORKERS + 1:
+            raise InputError(f"--max-workers: {self.max_workers} (at least "
+                             f"{RESERVED_WORKERS + 1})")
+        if not 0 < self.episode_limit <= self.max_workers - RESERVED_WORKERS:
+            raise InputError(f"--max-episodes: {self.episode_limit} must be in 1.."
+                             f"{self.max_workers - RESERVED_WORKERS} (--max-workers minus "
+                             f"{RESERVED_WORKERS} kept for health and unary calls)")
+        if self.episode_idle_timeout_s is not None and self.episode_idle_timeout_s <= 0:
+            raise InputError(f"--episode-idle-timeout: {self.episode_idle_timeout_s} (> 0)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InputError("--tls-cert and --tls-key must be given together (TLS needs both "
+                             "a certificate and its private key)")
+        for opt, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path and not Path(path).is_file():
+                raise InputError(f"{opt}: {path} is not a readable file")
+
+    @property
+    def episode_limit(self) -> int:
+        """Concurrent episode streams allowed: ``max_episodes``, or every worker but the
+        reserved ones."""
+        if self.max_episodes is None:
+            return self.max_workers - RESERVED_WORKERS
+        return self.max_episodes
+
+    @property
+    def limits(self) -> InputLimits:
+        """The observation limits these settings describe."""
+        return InputLimits(self.max_image_pixels, self.state_sigma, self.state_abs)
 
 
 class PolicyServer:
@@ -55,10 +101,14 @@ class PolicyServer:
         self.holder = EngineHolder()
         if self._factory is None:
             self.holder.engine = engine_or_factory
-        self.servicer = PolicyServicer(self.holder, self.config.max_image_pixels)
+        self.config.validate()
+        self.servicer = PolicyServicer(self.holder, self.config.limits,
+                                       self.config.episode_limit,
+                                       self.config.episode_idle_timeout_s)
         self.health = health.HealthServicer()
         self.load_error: BaseException | None = None
         self._server: grpc.Server | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
         self.port: int | None = None
 
     def _options(self) -> list[tuple[str, int]]:
@@ -75,25 +125,26 @@ class PolicyServer:
         """Bind, start serving and load the engine. Returns the bound port."""
         c = self.config
         interceptors = [TokenAuthInterceptor(c.auth_token)] if c.auth_token else []
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_workers,
-                                                        thread_name_prefix="carve-rpc"),
-                             interceptors=interceptors, options=self._options())
-        pb_grpc.add_PolicyServiceServicer_to_server(self.servicer, server)
+        self._pool = futures.ThreadPoolExecutor(max_workers=c.max_workers,
+                                                thread_name_prefix="carve-rpc")
+        server = grpc.server(self._pool, interceptors=interceptors, options=self._options())
+        server.add_generic_rpc_handlers((policy_service_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{c.host}:{c.port}"
-        if c.tls_cert or c.tls_key:
-            if not (c.tls_cert and c.tls_key):
-                raise ValueError("TLS needs both a certificate and a key file")
-            with open(c.tls_key, "rb") as k, open(c.tls_cert, "rb") as crt:
-                creds = grpc.ssl_server_credentials([(k.read(), crt.read())])
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if c.tls_cert:
+                with open(c.tls_key, "rb") as k, open(c.tls_cert, "rb") as crt:
+                    creds = grpc.ssl_server_credentials([(k.read(), crt.read())])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc raises RuntimeError when it cannot bind
+            raise InputError(f"--host/--port: could not bind {address} ({e})") from None
         if not self.port:
-            raise OSError(f"could not bind {address}")
+            raise InputError(f"--host/--port: could not bind {address} (in use?)")
         server.start()
         self._server = server
         if self.holder.engine is not None:
@@ -112,7 +163,10 @@ class PolicyServer:
         try:
             self.holder.engine = self._factory()
         except BaseException as e:  # noqa: BLE001 - surfaced to start() or to the log
-            log.exception("loading the policy failed")
+            # a CarveError's message says it all; the CLI prints it (traceback only with -v)
+            log.debug("loading the policy failed", exc_info=True)
+            if not isinstance(e, CarveError):
+                log.error("loading the policy failed: %s: %s", type(e).__name__, e)
             self.load_error = e
             return
         self._mark_ready()
@@ -126,19 +180,32 @@ class PolicyServer:
             self.health.set(name, status)
 
     def stop(self, grace: float = 10.0) -> None:
-        """Graceful shutdown: refuse new episodes, let running ones finish (up to ``grace`` s),
-        then stop the server and close the engine."""
+        """Graceful shutdown, bounded by about ``grace`` + 3 seconds whatever came before: health
+        NOT_SERVING and new episodes refused with UNAVAILABLE (the grpc server keeps accepting
+        calls meanwhile, so a refused robot hears UNAVAILABLE, never CANCELLED); running episodes
+        finish for up to ``grace`` seconds, then are ended with UNAVAILABLE; then the grpc server
+        stops and the engine closes."""
         if self._server is None:
             return
+        t0 = time.monotonic()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.servicer.draining.set()
-        if not self.servicer.wait_idle(grace):
-            log.warning("%d episode(s) still running after %.1fs grace; cancelling",
-                        self.servicer.active_episodes, grace)
-        self._server.stop(grace=1.0).wait()
+        slots = self.servicer.slots
+        slots.drain()
+        if not slots.wait_idle(grace):
+            log.warning("%d episode(s) still running after %.1fs grace; ending them with "
+                        "UNAVAILABLE", slots.active, grace)
+            slots.end_all()
+            # a handler wakes within a quarter second, or after the inference it is waiting on
+            slots.wait_idle(_END_WAIT_S)
+        done = self._server.stop(grace=_GRPC_GRACE_S)
+        if not done.wait(_GRPC_GRACE_S + 1.0):
+            log.warning("grpc server did not report termination within %.1fs; going on",
+                        _GRPC_GRACE_S + 1.0)
         self._server = None
+        self._pool.shutdown(wait=False)  # idle workers exit; none is left blocked in a handler
         if self.holder.engine is not None:
             self.holder.engine.close()
+        log.info("stopped in %.2fs", time.monotonic() - t0)
 
     def wait(self) -> None:
         if self._server is not None:

@@ -14,23 +14,24 @@ import uuid
 
 import grpc
 import numpy as np
-from carve_client.codec import (
-    WireError,
-    decision_to_proto,
-    decode_image,
-    decode_tensor,
-    encode_tensor,
-    spec_to_proto,
-)
+from carve_client.codec import WireError, decision_to_proto, echo, encode_tensor, spec_to_proto
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
 from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 
 from policy_server import __version__
 from policy_server.errors import (BatcherClosed, BatcherFull, InputError, NonFiniteActions,
                                    StateError)
-from policy_server.models.base import ObservationBatch
+from policy_server.service.streams import (EOF, IDLE, SHUTDOWN, EpisodeRefused, EpisodeSlots,
+                                           Inbox, StreamGone)
+from policy_server.service.validation import InputLimits, ObservationDecoder
+from policy_server.service.wire import Undecodable, abort
 
 log = logging.getLogger("carve.service")
+
+# EpisodeStarted.notes of an engine that resizes cameras (see ObservationDecoder)
+RESIZE_NOTE = ("camera images of another size than the spec's are resized to it (bilinear, "
+               "align_corners=False, as LeRobot's async policy server does); each ActionChunk's "
+               "notes name the cameras resized for its observation")
 
 
 class EngineHolder:
@@ -42,84 +43,62 @@ class EngineHolder:
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    """Serves one ``PolicyEngine``; episodes run concurrently (one thread per stream)."""
+    """Serves one ``PolicyEngine``; episodes run concurrently (one thread per stream).
 
-    def __init__(self, holder: EngineHolder, max_image_pixels: int = 4096 * 4096):
+    limits: what observations may contain (``InputLimits``); max_episodes: concurrent episode
+    streams (RESOURCE_EXHAUSTED beyond); idle_timeout_s: an episode with no message for that long
+    is ended with DEADLINE_EXCEEDED (None: never)."""
+
+    def __init__(self, holder: EngineHolder, limits: InputLimits | None = None,
+                 max_episodes: int = 60, idle_timeout_s: float | None = 30.0):
         self.holder = holder
-        self.max_image_pixels = max_image_pixels
+        self.limits = limits or InputLimits()
+        self.idle_timeout_s = idle_timeout_s
+        self.slots = EpisodeSlots(max_episodes)
         self.started = time.time()
-        self.draining = threading.Event()
-        self._active = 0
-        self._active_lock = threading.Condition()
+        self._decoder: ObservationDecoder | None = None
 
     # -- helpers ----------------------------------------------------------------------------------
     def _engine(self, context):
         if not self.holder.ready.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "policy is still loading; retry shortly")
+            abort(context, grpc.StatusCode.UNAVAILABLE, "policy is still loading; retry shortly")
         return self.holder.engine
+
+    def decoder(self, engine) -> ObservationDecoder:
+        """The observation decoder for ``engine``'s spec and resizing (built once, on first use)."""
+        resize = bool(engine.resizes_images)
+        dec = self._decoder
+        if dec is None or dec.spec is not engine.spec or dec.resize != resize:
+            dec = self._decoder = ObservationDecoder(engine.spec, self.limits, resize=resize)
+        return dec
 
     @property
     def active_episodes(self) -> int:
-        return self._active
+        return self.slots.active
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until no episode runs (or ``timeout`` seconds); True when idle."""
-        end = time.monotonic() + timeout
-        with self._active_lock:
-            while self._active:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._active_lock.wait(left)
-        return True
-
-    def _observation(self, msg: pb.Observation, spec, field: str) -> ObservationBatch:
-        """Validate an Observation against the spec and make a batch of one."""
-        if not msg.HasField("state"):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.state: missing")
-        state = decode_tensor(msg.state, f"{field}.state")
-        if state.dtype not in (np.float32, np.float64):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{field}.state: dtype {state.dtype} (float32 expected)")
-        if state.shape != (spec.state_dim,):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{field}.state: shape {list(state.shape)} (expected [{spec.state_dim}])")
-        if not np.all(np.isfinite(state)):
-            raise WireError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.state: contains NaN or inf")
-        images = {}
-        for key in msg.images:
-            if key not in spec.images:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{field}.images[{key!r}]: unknown camera (model takes "
-                                f"{sorted(spec.images) or 'no images'})")
-        for key, ispec in spec.images.items():
-            if key not in msg.images:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{field}.images[{key!r}]: missing camera")
-            img = decode_image(msg.images[key], f"{field}.images[{key!r}]", self.max_image_pixels)
-            want = (ispec.height, ispec.width, ispec.channels)
-            if img.shape != want:
-                raise WireError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{field}.images[{key!r}]: shape {list(img.shape)} "
-                                f"(expected {list(want)})")
-            images[key] = img[None]
-        return ObservationBatch(state=state.astype(np.float32)[None], instructions=[""],
-                                images=images)
+    def _observation(self, engine, msg: pb.Observation, field: str, instruction: str, context,
+                     notes: list[str] | None = None):
+        """The decoded observation (facts such as resized cameras appended to ``notes``);
+        aborts with the decoder's status on a refusal."""
+        try:
+            return self.decoder(engine)(msg, field, instruction, notes)
+        except WireError as e:
+            abort(context, e.code, str(e))
 
     def _choose_skill(self, engine, start: pb.EpisodeStart, first_obs, context):
         """-> (skill or None, RouteDecision proto, core_only flag); aborts on refusal."""
         names = {s["name"] for s in engine.skills()}
         if start.skill:
             if start.skill not in names:
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"start.skill: unknown skill {start.skill!r} "
-                              f"(known: {', '.join(sorted(names)) or 'none'})")
+                abort(context, grpc.StatusCode.NOT_FOUND,
+                      f"start.skill: unknown skill {echo(start.skill)} "
+                      f"(known: {', '.join(sorted(names)) or 'none'})")
             return start.skill, pb.RouteDecision(skill=start.skill, confidence=1.0, margin=1.0,
                                                  reason="skill id given by the client",
                                                  router="oracle"), False
         if not start.instruction.strip():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "start.instruction: empty (give an instruction or a skill id)")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  "start.instruction: empty (give an instruction or a skill id)")
         decision = self._engine_call(context, "routing", engine.route, start.instruction,
                                      first_obs)
         dproto = decision_to_proto(decision)
@@ -128,76 +107,108 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         if engine.routing.on_abstain == "core-only":
             return None, dproto, True
         cands = ", ".join(f"{s} ({v:.2f})" for s, v in decision.candidates[:5])
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"start.instruction: router abstained ({decision.reason}); candidates: "
-                      f"{cands or 'none'}; pass a skill id or rephrase")
+        abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+              f"start.instruction: router abstained ({decision.reason}); candidates: "
+              f"{cands or 'none'}; pass a skill id or rephrase")
 
-    # -- RPCs -------------------------------------------------------------------------------------
+    # -- the episode stream -------------------------------------------------------------------
     def Episode(self, request_iterator, context):
-        if self.draining.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         engine = self._engine(context)
-        with self._active_lock:
-            self._active += 1
         try:
-            yield from self._episode(engine, request_iterator, context)
+            self.slots.enter()
+        except EpisodeRefused as e:
+            code = (grpc.StatusCode.UNAVAILABLE if e.reason == "draining"
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED)
+            abort(context, code, str(e))
+        inbox = Inbox(request_iterator)
+        try:
+            yield from self._episode(engine, inbox, context)
         finally:
-            with self._active_lock:
-                self._active -= 1
-                self._active_lock.notify_all()
+            inbox.close()
+            self.slots.leave()
 
-    def _episode(self, engine, request_iterator, context):
+    def _next(self, inbox: Inbox, context, waiting_for: str):
+        """The next request of the stream, or None when the client ended it; aborts on idle
+        timeout (DEADLINE_EXCEEDED), shutdown (UNAVAILABLE) and undecodable bytes."""
+        item = inbox.get(self.idle_timeout_s, self.slots.shutdown)
+        if item is IDLE:
+            abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                  f"episode: no {waiting_for} within {self.idle_timeout_s:g}s (the server's idle "
+                  "limit per episode); episode ended, open a new one")
+        if item is SHUTDOWN:
+            abort(context, grpc.StatusCode.UNAVAILABLE,
+                  "server is shutting down; the episode was ended after the drain grace period "
+                  "(retry on another server)")
+        if item is EOF or isinstance(item, StreamGone):
+            return None
+        if isinstance(item, Undecodable):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, item.details())
+        return item
+
+    def _open(self, engine, inbox: Inbox, context):
+        """Reads and checks EpisodeStart -> (start, chunk length, EpisodeStarted response,
+        skill), or None when the client closed without starting."""
         spec = engine.spec
-        try:
-            first = next(request_iterator)
-        except StopIteration:
-            return
+        first = self._next(inbox, context, "EpisodeStart")
+        if first is None:
+            return None
         kind = first.WhichOneof("msg")
         if kind != "start":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{kind or 'empty message'}: the first message of an episode must be "
-                          "EpisodeStart")
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"{kind or 'empty message'}: the first message of an episode must be "
+                  "EpisodeStart")
         start = first.start
         chunk_len = start.chunk_length or spec.chunk_length
-        if chunk_len > spec.chunk_length:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"start.chunk_length: {chunk_len} exceeds the model's chunk length "
-                          f"{spec.chunk_length}")
-        try:
-            first_obs = (self._observation(start.first_observation, spec, "start.first_observation")
-                         if start.HasField("first_observation") else None)
-            if first_obs is not None:
-                first_obs.instructions = [start.instruction]
-        except WireError as e:
-            context.abort(e.code, str(e))
+        if not 0 < chunk_len <= spec.chunk_length:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"start.chunk_length: {chunk_len} is outside 1..{spec.chunk_length} (the "
+                  "model's chunk length)")
+        notes = [RESIZE_NOTE] if engine.resizes_images else []
+        first_obs = (self._observation(engine, start.first_observation,
+                                       "start.first_observation", start.instruction, context,
+                                       notes)
+                     if start.HasField("first_observation") else None)
         skill, dproto, core_only = self._choose_skill(engine, start, first_obs, context)
         episode_id = uuid.uuid4().hex[:12]
-        log.info("episode %s: skill=%s instruction=%r client=%s", episode_id, skill,
-                 start.instruction, dict(start.client_info))
-        yield pb.EpisodeResponse(started=pb.EpisodeStarted(
+        log.info("episode %s: skill=%s instruction=%s client=%s", episode_id, skill,
+                 echo(start.instruction, 200), echo(dict(start.client_info), 200))
+        started = pb.EpisodeResponse(started=pb.EpisodeStarted(
             episode_id=episode_id, skill=skill or "", core_only=core_only, route=dproto,
-            spec=spec_to_proto(spec), state_version=engine.info().get("state_version", "")))
-        for i, req in enumerate(request_iterator):
+            spec=spec_to_proto(spec), state_version=engine.info().get("state_version", ""),
+            notes=notes))
+        return start, chunk_len, started, skill
+
+    def _episode(self, engine, inbox: Inbox, context):
+        opened = self._open(engine, inbox, context)
+        if opened is None:
+            return
+        start, chunk_len, started, skill = opened
+        yield started
+        i = 0
+        while True:
+            req = self._next(inbox, context, "Observation or EpisodeEnd")
+            i += 1
+            if req is None:
+                return
             kind = req.WhichOneof("msg")
             if kind == "end":
                 return
             if kind != "observation":
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"message {i + 1}: {kind or 'empty message'} after the episode "
-                              "started (send observations or EpisodeEnd)")
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"message {i}: {kind or 'empty message'} after the episode started "
+                      "(send observations or EpisodeEnd)")
             received = time.time()
-            try:
-                obs = self._observation(req.observation, spec, "observation")
-            except WireError as e:
-                context.abort(e.code, str(e))
-            obs.instructions = [start.instruction]
+            notes: list[str] = []
+            obs = self._observation(engine, req.observation, "observation", start.instruction,
+                                    context, notes)
+            # backends with per-episode state (diffusion's observation queues) key it by this id
+            obs.episode_ids = [started.started.episode_id]
             t0 = time.perf_counter()
             actions = self._infer(engine, obs, skill, context)
-            chunk = actions[:chunk_len]
             yield pb.EpisodeResponse(chunk=pb.ActionChunk(
-                step=req.observation.step, actions=encode_tensor(chunk),
+                step=req.observation.step, actions=encode_tensor(actions[:chunk_len]),
                 server_received_time=received, server_done_time=time.time(),
-                inference_ms=(time.perf_counter() - t0) * 1e3))
+                inference_ms=(time.perf_counter() - t0) * 1e3, notes=notes))
 
     def _infer(self, engine, obs, skill, context) -> np.ndarray:
         return np.asarray(self._engine_call(context, "inference", engine.infer, obs, skill),
@@ -210,20 +221,22 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         try:
             return fn(*args)
         except NonFiniteActions as e:
-            context.abort(grpc.StatusCode.INTERNAL, f"the policy produced NaN/inf actions; "
-                          f"nothing was sent to the robot ({e})")
+            abort(context, grpc.StatusCode.INTERNAL,
+                  f"the policy produced NaN/inf actions for this observation; nothing was sent "
+                  f"to the robot ({e})")
         except BatcherFull as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}")
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {e}")
         except BatcherClosed:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            abort(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         except InputError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except StateError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except Exception as e:  # noqa: BLE001 - report, never leak a bare "error"
             log.exception("%s failed", what)
-            context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(e).__name__}: {e}")
+            abort(context, grpc.StatusCode.INTERNAL, f"{what} failed: {type(e).__name__}: {e}")
 
+    # -- unary calls --------------------------------------------------------------------------
     def ListSkills(self, request, context):
         engine = self._engine(context)
         return pb.ListSkillsResponse(
@@ -235,14 +248,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def Route(self, request, context):
         engine = self._engine(context)
         if not request.instruction.strip():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instruction: empty")
-        obs = None
-        if request.HasField("observation"):
-            try:
-                obs = self._observation(request.observation, engine.spec, "observation")
-            except WireError as e:
-                context.abort(e.code, str(e))
-            obs.instructions = [request.instruction]
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "instruction: empty")
+        obs = (self._observation(engine, request.observation, "observation",
+                                 request.instruction, context)
+               if request.HasField("observation") else None)
         return decision_to_proto(self._engine_call(context, "routing", engine.route,
                                                    request.instruction, obs))
 

@@ -8,6 +8,8 @@ it). See docs/STATE_FORMAT.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -34,15 +36,18 @@ def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
 
 
-def encode_entries(entries: dict[str, ResidualEntry], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Residual entries -> flat safetensors dict (float tensors cast to the store dtype)."""
+def encode_entries(entries: dict[str, ResidualEntry],
+                   dtype: torch.dtype | Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
+    """Residual entries -> flat safetensors dict (float tensors cast to the store dtype:
+    ``dtype``, or ``dtype(key)`` per checkpoint key when it is a function)."""
     out: dict[str, torch.Tensor] = {}
     for name, e in entries.items():
+        dt = dtype(name) if callable(dtype) else dtype
         if isinstance(e, LowRank):
-            out[f"{name}{SEP}P"] = e.P.detach().to(dtype).cpu()
-            out[f"{name}{SEP}Q"] = e.Q.detach().to(dtype).cpu()
+            out[f"{name}{SEP}P"] = e.P.detach().to(dt).cpu()
+            out[f"{name}{SEP}Q"] = e.Q.detach().to(dt).cpu()
         elif isinstance(e, Dense):
-            out[f"{name}{SEP}D"] = e.D.detach().to(dtype).cpu()
+            out[f"{name}{SEP}D"] = e.D.detach().to(dt).cpu()
         elif isinstance(e, Masked):
             out[f"{name}{SEP}mask"] = pack_mask(e.mask)
         else:

@@ -51,6 +51,42 @@ def _numel(shape) -> int:
     return n
 
 
+def _base_tensor_bytes(base: dict) -> int:
+    """Bytes of the base's tensor data from the manifest's tensor table (shape x dtype size)."""
+    total = 0
+    for rec in (base.get("tensors") or {}).values():
+        total += _numel(rec.get("shape", [])) * _itemsize(rec.get("dtype", "float32"))
+    return total
+
+
+def _itemsize(name: str) -> int:
+    import torch
+
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    return torch.empty((), dtype=dt).element_size() if isinstance(dt, torch.dtype) else 4
+
+
+def bytes_accounting(m: dict) -> dict:
+    """The byte figures of a version (docs/STATE_FORMAT.md, ``storage``).
+
+    version_bytes: every file of the version as stored (the manifest's ``files``; the manifest
+    itself is not among them); base_bytes: the base's weight files on disk (its tensor data for
+    states recorded before that was kept); bank_bytes: the sum over skills of each expert as a
+    full model in its own dtypes (``source.bank_bytes``; the base's tensor bytes for skills
+    recorded before that was kept); and the two fractions a user pays: the state alone and the
+    state plus the base, over the bank.
+    """
+    base = m.get("base") or {}
+    base_tensor = int(base.get("tensor_bytes") or _base_tensor_bytes(base))
+    base_bytes = int(base.get("file_bytes") or base_tensor)
+    bank = sum(int((s.get("source") or {}).get("bank_bytes") or base_tensor)
+               for s in m.get("skills", []))
+    version = sum(int(v["bytes"]) for v in (m.get("files") or {}).values())
+    return {"version_bytes": version, "base_bytes": base_bytes, "bank_bytes": bank,
+            "bytes_fraction_of_bank": (version / bank) if bank else None,
+            "bytes_fraction_of_bank_with_base": ((version + base_bytes) / bank) if bank else None}
+
+
 def storage_accounting(m: dict, root: Path) -> dict:
     """Stored parameters/bytes of the state and its fraction of a full expert bank.
 
@@ -59,7 +95,8 @@ def storage_accounting(m: dict, root: Path) -> dict:
     bank_params = T * P for T skills (a bank keeps every expert whole).
     fraction_of_bank = stored_params / bank_params (the state alone);
     fraction_of_bank_with_base = (P + stored_params) / bank_params (what a server holds: the base
-    plus the state, the number the CARVE paper reports).
+    plus the state, the number the CARVE paper reports). The byte figures beside them are
+    :func:`bytes_accounting`'s.
     """
     from safetensors import safe_open
 
@@ -79,7 +116,8 @@ def storage_accounting(m: dict, root: Path) -> dict:
     t = len(m.get("skills", []))
     bank = t * ckpt
     stored = core_params + residual_params
-    return {
+    by = bytes_accounting(m)
+    return {**by,
         "core_params": core_params,
         "residual_params": residual_params,
         "stored_params": stored,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from policy_server.dtypes import DTYPES
+from policy_server.dtypes import PARAM_DTYPE, storage_dtype
 from policy_server.errors import InputError
 from policy_server.merge.methods.base import MergeMethod, build_options, get_method
 from policy_server.merge.plan import (
@@ -30,6 +30,7 @@ from policy_server.merge.task_vectors import ExpertSource, open_expert
 from policy_server.state.skill_record import skill_record, start_state, utc_now
 from policy_server.state.store import StateStore
 from policy_server.tensors.checkpoint import CheckpointReader, CheckpointWriter, open_checkpoint
+from policy_server.tensors.memory import pin_mmap_threshold
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class MergeRequest:
     allow_dtype_mismatch: bool = False
     dense_patterns: Sequence[str] = ()
     store_dtype: str | None = None
+    core_dtype: str | None = None
     overwrite: bool = False
     progress: bool = True
     seed: int = 0
@@ -71,7 +73,8 @@ def merge(method: str, base_dir, expert_dirs: Sequence, out_dir, **options) -> d
     ``options`` are the other :class:`MergeRequest` fields: options (method options), skills
     (names, default the expert directory names), instructions / descriptions (per skill: a list
     in expert order or a {skill: value} dict), allow_pickle, allow_dtype_mismatch,
-    dense_patterns, store_dtype, overwrite (checkpoints only: a state is never overwritten),
+    dense_patterns, store_dtype / core_dtype (states only; default ``"param"``: each tensor in
+    its base dtype), overwrite (checkpoints only: a state is never overwritten),
     progress, seed, max_shard_bytes. A method implementing ``merge_tensor`` gets all N task
     vectors of each tensor at once; a continual-only one has the experts admitted in order.
 
@@ -91,9 +94,11 @@ def _check_out(out: Path, meth: MergeMethod, overwrite: bool) -> None:
 def merge_request(req: MergeRequest) -> dict:
     """Run the merge ``req`` describes; see :func:`merge`."""
     t0 = time.perf_counter()
+    pin_mmap_threshold()  # freed tensors go back to the OS (tensors/memory.py)
     expert_dirs = [Path(p) for p in req.expert_dirs]
     names = merge_skill_names(expert_dirs, req.skills)
-    store_dtype = check_store_dtype(req.store_dtype) or "float32"
+    store_dtype = check_store_dtype(req.store_dtype) or PARAM_DTYPE
+    core_dtype = check_store_dtype(req.core_dtype, "core dtype") or PARAM_DTYPE
     cls = get_method(req.method)
     meth = cls(build_options(cls, dict(req.options or {})), seed=req.seed)
     out = Path(req.out_dir)
@@ -105,14 +110,15 @@ def merge_request(req: MergeRequest) -> dict:
                            allow_dtype_mismatch=req.allow_dtype_mismatch) for p in expert_dirs]
     if not meth.one_shot and not meth.continual:
         raise InputError(f"method {meth.name!r} implements neither merge_tensor nor admit_tensor")
-    tensors = stream_merge(meth, base, experts, names, tuple(req.dense_patterns), req.progress)
+    tensors = stream_merge(meth, base, experts, names, tuple(req.dense_patterns), req.progress,
+                           core_dtype if meth.per_skill else None)
     report = {"out": str(out), "method": meth.name, "experts": len(experts), "skills": names}
     if not meth.per_skill:
         _write_checkpoint(tensors, base, out, req, meth)
         report.update(kind="checkpoint", wall_s=time.perf_counter() - t0)
         return report
     skills = [_Skill(*fields) for fields in zip(names, expert_dirs, experts, instr, descs)]
-    version, records = _write_state(tensors, base, out, meth, skills, store_dtype,
+    version, records = _write_state(tensors, base, out, meth, skills, (store_dtype, core_dtype),
                                     req.dense_patterns)
     report.update(kind="state", version=version,
                   storage=StateStore(out).open(version).manifest.get("storage", {}),
@@ -134,9 +140,10 @@ def _write_checkpoint(tensors, base: CheckpointReader, out: Path, req: MergeRequ
 
 
 def _write_state(tensors: Iterable[MergedTensor], base: CheckpointReader, out: Path,
-                 meth: MergeMethod, skills: Sequence[_Skill], store_dtype: str,
+                 meth: MergeMethod, skills: Sequence[_Skill], dtypes: tuple[str, str],
                  dense_patterns: Sequence[str]) -> tuple[str, list[dict[str, dict]]]:
-    """Gather the merged tensors and commit them as one version of a new state at ``out``."""
+    """Gather the merged tensors and commit them as one version of a new state at ``out``;
+    ``dtypes`` = (residual store dtype, core dtype) specs."""
     core: dict[str, torch.Tensor] = {}
     aux: dict[str, torch.Tensor] = {}
     entries: list[dict] = [{} for _ in skills]
@@ -145,7 +152,9 @@ def _write_state(tensors: Iterable[MergedTensor], base: CheckpointReader, out: P
         if not t.floating:
             continue
         if t.core is not None:
-            core[t.key] = t.core.detach().to(DTYPES[store_dtype]).contiguous()
+            # cast as it streams: only the stored-size core is gathered, never a float32 one
+            core[t.key] = t.core.detach().to(storage_dtype(dtypes[1],
+                                                           base.dtype(t.key))).contiguous()
         aux.update(t.aux)
         for i, (e, rec) in enumerate(zip(t.entries, t.records)):
             if e is not None:
@@ -154,7 +163,7 @@ def _write_state(tensors: Iterable[MergedTensor], base: CheckpointReader, out: P
         out.rmdir()  # the store creates its own directory
     now = utc_now()
     with StateStore(out).transaction(f"merge {len(skills)} experts ({meth.name})") as tx:
-        start_state(tx.manifest, base_record(base), meth, store_dtype)
+        start_state(tx.manifest, base_record(base), meth, *dtypes)
         tx.manifest["admissions"] = len(skills)
         tx.write_core(core)
         tx.write_aux(aux)

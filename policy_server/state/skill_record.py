@@ -26,12 +26,15 @@ def skill_record(name: str, order: int, instructions: Sequence[str], description
     return {"name": name, "order": int(order), "instructions": [str(s) for s in instructions],
             "description": str(description or ""),
             "source": {"path": str(Path(expert_dir).resolve()), "kind": expert.kind,
-                       "fingerprint": expert.fingerprint()},
+                       "fingerprint": expert.fingerprint(), "bank_bytes": expert.bank_bytes()},
             "admitted": admitted, "dense_patterns": list(dense_patterns), "tensors": tensors}
 
 
-def start_state(manifest: dict, base: dict, method: MergeMethod, store_dtype: str) -> None:
-    """Fill a new state's header in ``manifest``: base entry, method + options, store dtype."""
+def start_state(manifest: dict, base: dict, method: MergeMethod, store_dtype: str,
+                core_dtype: str) -> None:
+    """Fill a new state's header in ``manifest``: base entry, method + options, the residual
+    store dtype and the core dtype (``"param"`` or a dtype name, docs/STATE_FORMAT.md)."""
     manifest["base"] = base
     manifest["method"] = method_record(method)
     manifest["store_dtype"] = store_dtype
+    manifest["core_dtype"] = core_dtype

@@ -23,16 +23,18 @@ import math
 import os
 import re
 import shutil
+import stat
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from policy_server.dtypes import DTYPES
+from policy_server.dtypes import manifest_tensor_dtype
 from policy_server.errors import InputError, IntegrityError, StateError
 from policy_server.naming import check_skill_name
 from policy_server.progress import progress as progress_bar
-from policy_server.state import entry_codec
+from policy_server.state import entry_codec, leases
 from policy_server.state.format import (
     FORMAT_VERSION,
     check_manifest,
@@ -41,12 +43,19 @@ from policy_server.state.format import (
 )
 from policy_server.tensors import durable
 from policy_server.tensors.entries import Dense, LowRank, Masked, ResidualEntry
-from policy_server.tensors.safetensors_io import LazyTensors, load_tensors, save_tensors_durable
+from policy_server.tensors.safetensors_io import (
+    LazyTensors,
+    SpooledTensorWriter,
+    load_tensors,
+    save_tensors_durable,
+)
 
 VERSION_RE = re.compile(r"^v(\d{6,})$")
 CORE_FILE = "core.safetensors"
 AUX_FILE = "state_aux.safetensors"
 MANIFEST = "manifest.json"
+#: versions an admission keeps by default (>= 2, so a rollback to the parent always works)
+DEFAULT_KEEP = 3
 
 
 def _now() -> str:
@@ -61,12 +70,27 @@ def check_version_id(version: str) -> str:
 
 
 class StateSnapshot:
-    """Read-only view of one committed version. Tensors are loaded on demand."""
+    """Read-only view of one committed version. Tensors are loaded on demand.
 
-    def __init__(self, path: Path, manifest: dict):
+    A snapshot from :meth:`StateStore.open` holds a reader lease on its version (see
+    ``state/leases.py``) until :meth:`close`, the end of a ``with`` block or garbage collection,
+    so ``gc`` never deletes files it may still read."""
+
+    def __init__(self, path: Path, manifest: dict, lease_fd: int | None = None):
         self.path = path
         self.manifest = manifest
         self.version: str = manifest["version"]
+        self._lease = weakref.finalize(self, leases.release, lease_fd)
+
+    def close(self) -> None:
+        """Release the reader lease (the snapshot's manifest stays usable; files may go)."""
+        self._lease()
+
+    def __enter__(self) -> "StateSnapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def skill_names(self) -> list[str]:
         """Skill names in admission order."""
@@ -128,6 +152,7 @@ class Transaction:
         self._lock_fd: int | None = None
         self._done = False
         self._rewritten: set[str] = set()
+        self._core_spool: SpooledTensorWriter | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> "Transaction":
@@ -143,6 +168,7 @@ class Transaction:
             if self.staging.exists():  # left by a killed writer whose pid we now reuse
                 shutil.rmtree(self.staging)
             self.staging.mkdir(parents=True)
+            leases.create_lease_file(self.staging)
             (self.staging / "skills").mkdir()
             (self.staging / "artifacts").mkdir()
             if self.parent is not None:
@@ -158,6 +184,8 @@ class Transaction:
                 self.commit()
         finally:
             if not self._done:
+                if self._core_spool is not None:
+                    self._core_spool.abort()
                 shutil.rmtree(self.staging, ignore_errors=True)
             self._release()
         return False
@@ -224,24 +252,39 @@ class Transaction:
             raise InputError(f"{what}: entry shape {shape} != base shape {want}")
         return shape
 
-    def _dtype(self) -> torch.dtype:
-        name = self.manifest.get("store_dtype", "float32")
-        if name not in DTYPES:
-            raise InputError(f"unsupported store dtype {name!r}; use one of {sorted(DTYPES)}")
-        return DTYPES[name]
+    def _dtype(self, key: str, core: bool = False) -> torch.dtype:
+        """Dtype of ``key``'s core / residual factors in this state (docs/STATE_FORMAT.md)."""
+        return manifest_tensor_dtype(self.manifest, key, core=core)
+
+    def _check_core_tensor(self, k: str, v: torch.Tensor) -> None:
+        want = self._base_shape(k, "core")
+        if want is not None and [int(x) for x in v.shape] != want:
+            raise InputError(f"core tensor {k!r}: shape {list(v.shape)} != base shape {want}")
+        self._check_finite(v, f"core tensor {k!r}")
+
+    def add_core_tensor(self, key: str, tensor: torch.Tensor) -> None:
+        """Stream the new core one tensor at a time (instead of :meth:`write_core`), so an
+        admission never holds a whole core: each tensor is checked, cast to its core dtype and
+        spooled to disk at once (``SpooledTensorWriter``); the file is published at commit.
+        Every call replaces the parent's core file as a whole: pass every key the version keeps."""
+        self._check_open()
+        self._check_core_tensor(key, tensor)
+        if self._core_spool is None:
+            self._core_spool = SpooledTensorWriter(self.staging / CORE_FILE)
+        self._core_spool.add(key, tensor.detach().to(self._dtype(key, core=True)).cpu())
+        self._rewritten.add(CORE_FILE)
 
     def write_core(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the whole core: checkpoint key -> dense delta of the base tensor's shape (any
-        float dtype in, cast to ``manifest["store_dtype"]`` on disk)."""
+        float dtype in, cast to the state's core dtype for that key on disk: ``core_dtype``, by
+        default ``"param"`` = the base parameter's dtype)."""
         self._check_open()
-        dt = self._dtype()
+        if self._core_spool is not None:
+            raise StateError("write_core after add_core_tensor: use one or the other")
         for k, v in tensors.items():
-            want = self._base_shape(k, "core")
-            if want is not None and [int(x) for x in v.shape] != want:
-                raise InputError(f"core tensor {k!r}: shape {list(v.shape)} != base shape {want}")
-            self._check_finite(v, f"core tensor {k!r}")
-        save_tensors_durable({k: v.detach().to(dt).cpu() for k, v in tensors.items()},
-                                 self.staging / CORE_FILE)
+            self._check_core_tensor(k, v)
+        save_tensors_durable({k: v.detach().to(self._dtype(k, core=True)).cpu()
+                              for k, v in tensors.items()}, self.staging / CORE_FILE)
         self._rewritten.add(CORE_FILE)
 
     def write_aux(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -258,14 +301,15 @@ class Transaction:
         completed from ``entries`` so the file can always be decoded: ``kind``, ``rank`` and
         ``shape`` are always taken from the entry (the shape is what unpacks a bit-packed mask).
         Replacing an existing skill keeps its admission ``order`` unless ``record`` sets one.
-        Floats are cast to the store dtype; masks are stored as packed uint8 (1 bit/coordinate).
+        Floats are cast to the store dtype of their key (``store_dtype``; ``"param"``: the base
+        parameter's dtype); masks are stored as packed uint8 (1 bit/coordinate).
         """
         self._check_open()
         check_skill_name(name)
-        dt = self._dtype()
         shapes = {key: self._validate_entry(name, key, e) for key, e in entries.items()}
         rel = f"skills/{name}.safetensors"
-        save_tensors_durable(entry_codec.encode_entries(entries, dt), self.staging / rel)
+        save_tensors_durable(entry_codec.encode_entries(entries, self._dtype),
+                             self.staging / rel)
         self._rewritten.add(rel)
         rec = copy.deepcopy(record)
         rec["name"] = name
@@ -280,7 +324,8 @@ class Transaction:
             if key not in entries:
                 del tensors[key]
         rec["stored_params"] = int(sum(e.numel() for e in entries.values()))
-        rec["stored_bytes"] = int(sum(entry_codec.entry_bytes(e, dt) for e in entries.values()))
+        rec["stored_bytes"] = int(sum(entry_codec.entry_bytes(e, self._dtype(key))
+                                      for key, e in entries.items()))
         old = [s for s in self.manifest.setdefault("skills", []) if s["name"] == name]
         skills = [s for s in self.manifest["skills"] if s["name"] != name]
         if "order" not in rec:
@@ -339,6 +384,9 @@ class Transaction:
     def commit(self) -> str:
         """Finish the version and make it current. Returns its id (e.g. ``"v000004"``)."""
         self._check_open()
+        if self._core_spool is not None:
+            self._core_spool.finish()
+            self._core_spool = None
         if not (self.staging / CORE_FILE).exists():
             save_tensors_durable({}, self.staging / CORE_FILE)
         m = self.manifest
@@ -423,9 +471,15 @@ class StateStore:
                 raise StateError(f"{self.path} is not a merge state (no CURRENT file); "
                                  "create one with `carve admit`")
         check_version_id(version)
-        if verify:
-            self.verify(version)
-        return StateSnapshot(self.versions_dir / version, self._read_manifest(version))
+        # lease first, then read: a gc that wins the race leaves no manifest to read
+        fd = leases.acquire_shared(self.versions_dir / version)
+        try:
+            if verify:
+                self.verify(version)
+            return StateSnapshot(self.versions_dir / version, self._read_manifest(version), fd)
+        except BaseException:
+            leases.release(fd)
+            raise
 
     def versions(self) -> list[dict]:
         """Every committed version, oldest first."""
@@ -443,6 +497,29 @@ class StateStore:
                         "bytes": sum(f["bytes"] for f in m.get("files", {}).values()),
                         "is_current": v == cur})
         return out
+
+    def disk_usage(self, version: str | None = None) -> dict:
+        """What the state takes on disk now, measured from the files (not the manifest).
+
+        version_bytes: every regular file of ``version``'s directory (default current), manifest
+        included; retained_bytes: every regular file under ``versions/`` (all retained versions
+        plus any staging/trash leftovers) with hard links counted once, the figure ``du`` gives
+        for the files; versions: how many committed versions are retained."""
+        version = version or self.current_version()
+        if version is None:
+            raise StateError(f"{self.path} is not a merge state (no CURRENT file)")
+        seen: set[tuple[int, int]] = set()
+        retained = 0
+        for root, _dirs, files in os.walk(self.versions_dir):
+            for f in files:
+                st = os.lstat(os.path.join(root, f))
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    retained += st.st_size
+        vdir = self.versions_dir / check_version_id(version)
+        current = sum(p.lstat().st_size for p in vdir.rglob("*") if p.is_file())
+        return {"version": version, "version_bytes": current, "retained_bytes": retained,
+                "versions": len(self._committed())}
 
     def verify(self, version: str | None = None, progress: bool = False) -> dict:
         """Recheck every file's sha256 against the manifest. IntegrityError names a bad file."""
@@ -506,16 +583,23 @@ class StateStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def gc(self, keep: int = 3) -> list[str]:
-        """Delete all but the ``keep`` newest versions (never the current one), stale staging
-        directories and temp files of killed writers. Returns what was removed.
+    def gc(self, keep: int = DEFAULT_KEEP) -> list[str]:
+        """Delete all but the ``keep`` newest versions (never the current one, never one a live
+        reader holds: see :meth:`collect`), stale staging directories and temp files of killed
+        writers. Returns what was removed."""
+        return self.collect(keep)["removed"]
+
+    def collect(self, keep: int = DEFAULT_KEEP) -> dict[str, list[str]]:
+        """:meth:`gc` with its full report: ``removed`` (versions and leftovers deleted) and
+        ``held`` (versions due for deletion that a live reader's lease kept; a later gc retries).
 
         Files shared by hard links stay alive through the versions that keep them (unlinking a
         directory entry never touches another link's data). A version is first renamed to a
-        ``.trash-*`` name (atomic), so a gc killed half-way never leaves a half-deleted directory
-        that still looks like a version; the next gc finishes the job."""
-        if not isinstance(keep, int) or keep < 1:
-            raise InputError(f"--keep must be >= 1, got {keep}")
+        ``.trash-*`` name (atomic) while gc holds its exclusive lease, so a gc killed half-way
+        never leaves a half-deleted directory that still looks like a version; the next gc
+        finishes the job."""
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            raise InputError(f"--keep must be an integer >= 1, got {keep!r}")
         if not self.versions_dir.is_dir():
             raise StateError(f"{self.path} is not a merge state (no versions/ directory)")
         fd = self._acquire_lock()
@@ -523,23 +607,39 @@ class StateStore:
             cur = self.current_version()
             committed = self._committed()
             keep_set = set(committed[-keep:]) | ({cur} if cur else set())
-            removed = []
+            removed, held = [], []
             for v in committed:
                 if v not in keep_set:
-                    os.rename(self.versions_dir / v, self.versions_dir / f".trash-{v}")
-                    removed.append(v)
+                    (removed if self._trash_unless_leased(v) else held).append(v)
             durable.fsync_dir(self.versions_dir)
-            for p in self.versions_dir.iterdir():
-                # under the lock no writer is live, so every staging dir belongs to a dead one
-                if p.name.startswith((".staging-", ".trash-")):
-                    shutil.rmtree(p, ignore_errors=True)
-                    if p.name.startswith(".staging-"):
-                        removed.append(p.name)
-            for p in self.path.glob(".CURRENT.tmp-*"):
-                p.unlink(missing_ok=True)
-                removed.append(p.name)
+            removed += self._remove_leftovers()
             durable.fsync_dir(self.versions_dir)
-            return removed
+            return {"removed": removed, "held": held}
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _trash_unless_leased(self, version: str) -> bool:
+        """Rename ``version`` to ``.trash-<id>`` unless a reader holds it; True when renamed."""
+        lease = leases.try_exclusive(self.versions_dir / version)
+        if lease is None:
+            return False
+        try:
+            os.rename(self.versions_dir / version, self.versions_dir / f".trash-{version}")
+        finally:
+            leases.release(lease)
+        return True
+
+    def _remove_leftovers(self) -> list[str]:
+        """Trash, staging directories and CURRENT temp files; only under the writer lock, where
+        no writer is live, so every staging directory belongs to a dead one."""
+        removed = []
+        for p in self.versions_dir.iterdir():
+            if p.name.startswith((".staging-", ".trash-")):
+                shutil.rmtree(p, ignore_errors=True)
+                if p.name.startswith(".staging-"):
+                    removed.append(p.name)
+        for p in self.path.glob(".CURRENT.tmp-*"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return removed

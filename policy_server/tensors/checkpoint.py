@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -102,6 +103,13 @@ class CheckpointReader:
         self._check(key)
         return self._key_file[key]
 
+    def _handle(self, file: Path):
+        """(fd, header index) of a safetensors file, opened once and kept until close()."""
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = (os.open(file, os.O_RDONLY), safetensors_index(file))
+        return handle
+
     def get(self, key: str) -> torch.Tensor:
         """Load tensor ``key`` in its storage dtype and shape: an owned CPU copy, safe to modify."""
         self._check(key)
@@ -111,11 +119,8 @@ class CheckpointReader:
             if sd is None:
                 sd = self._pickle_sd[file] = _load_pickle(file)
             return sd[key].clone()
-        handle = self._handles.get(file)
         try:
-            if handle is None:
-                handle = self._handles[file] = (os.open(file, os.O_RDONLY), safetensors_index(file))
-            fd, index = handle
+            fd, index = self._handle(file)
             shape, dtype, offset, nbytes = index[key]
             # an owned buffer per call: callers fold weights in place (the runtime adds the core to
             # base tensors), and nothing stays mapped once the caller drops the tensor
@@ -124,6 +129,25 @@ class CheckpointReader:
             raise InputError(f"{file}: cannot read tensor {key!r}: {e}") from e
         except (OSError, ValueError, RuntimeError) as e:
             raise InputError(f"{file}: cannot read tensor {key!r}: {e}") from e
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``key`` (dim 0), storage dtype, an owned CPU copy;
+        only those bytes are read, so a huge tensor can be walked block by block."""
+        shape = self.shape(key)
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise InputError(f"{self.path}: rows [{start}, {stop}) out of range for tensor "
+                             f"{key!r} of shape {list(shape)}")
+        if self._pickled:
+            return self.get(key)[start:stop].clone()
+        file = self._key_file[key]
+        try:
+            fd, index = self._handle(file)
+            _shape, dtype, offset, _nbytes = index[key]
+            row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+            return read_tensor_at(fd, offset + start * row, (stop - start) * row,
+                                  (stop - start, *shape[1:]), dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InputError(f"{file}: cannot read rows of tensor {key!r}: {e}") from e
 
     def num_params(self) -> int:
         """Total number of scalars over all tensors."""
@@ -134,6 +158,19 @@ class CheckpointReader:
                 k *= s
             n += k
         return n
+
+    def tensor_bytes(self, keys=None) -> int:
+        """Bytes of the tensors' data in their storage dtypes (headers excluded); ``keys``: only
+        those (default all)."""
+        total = 0
+        for key in (self._meta if keys is None else keys):
+            shape, dtype = self._meta[key]
+            total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    def file_bytes(self) -> int:
+        """Bytes of the weight files on disk (what ``du`` of the weights would give)."""
+        return sum(f.stat().st_size for f in self.files)
 
     def fingerprint(self) -> str:
         """sha256 hex over the sorted (key, shape, dtype) list, each file's size and its first and

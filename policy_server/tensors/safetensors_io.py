@@ -112,6 +112,28 @@ def read_tensor_at(fd: int, offset: int, nbytes: int, shape: tuple[int, ...],
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def _header_bytes(specs: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
+    """The 8-byte length + JSON header (padded to 8 bytes) for ``(name, dtype, shape, nbytes)``
+    entries laid out back to back in the given order."""
+    header: dict = {}
+    offset = 0
+    for name, dtype, shape, nbytes in specs:
+        if dtype not in _WRITE_CODES:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _WRITE_CODES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_data(f, t: torch.Tensor) -> None:
+    if t.numel():
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        f.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
 def write_safetensors_streaming(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file one tensor at a time.
 
@@ -120,26 +142,61 @@ def write_safetensors_streaming(tensors: dict[str, torch.Tensor], path: Path) ->
     little-endian header length, JSON header padded to 8 bytes, raw little-endian data in header
     order) straight from each tensor's storage. Tensors of unsupported dtype raise TypeError.
     """
-    header: dict = {}
-    offset = 0
     items = sorted(tensors.items())  # safetensors' own order: readers do not depend on it
-    for name, t in items:
-        if t.dtype not in _WRITE_CODES:
-            raise TypeError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _WRITE_CODES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    specs = [(n, t.dtype, list(t.shape), t.numel() * t.element_size()) for n, t in items]
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        f.write(_header_bytes(specs))
         for _name, t in items:
-            if t.numel():
-                flat = t.detach().cpu().contiguous().reshape(-1)
-                f.write(memoryview(flat.view(torch.uint8).numpy()))
+            _write_data(f, t)
         f.flush()
+
+
+class SpooledTensorWriter:
+    """A safetensors file built from tensors handed over one at a time, none kept in memory.
+
+    ``add`` appends each tensor's bytes to a spool file beside ``path``; ``finish`` writes the
+    header (known only then) and copies the spool after it in bounded chunks, then publishes the
+    file durably (aside, fsync, rename, fsync the directory). It costs one extra sequential write
+    of the data and saves holding a whole core (a model's worth of deltas) in RAM until commit.
+    """
+
+    CHUNK = 64 << 20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.spool = self.path.with_name(f".{self.path.name}.spool-{os.getpid()}")
+        self._f = open(self.spool, "wb")
+        self._specs: list[tuple[str, torch.dtype, list[int], int]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (names must be unique; order is kept)."""
+        if tensor.dtype not in _WRITE_CODES:
+            raise TypeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in "
+                            f"safetensors")
+        if any(n == name for n, *_ in self._specs):
+            raise ValueError(f"tensor {name!r} added twice")
+        self._specs.append((name, tensor.dtype, list(tensor.shape),
+                            tensor.numel() * tensor.element_size()))
+        _write_data(self._f, tensor)
+
+    def finish(self) -> None:
+        """Write and durably publish ``path``; the spool is removed."""
+        self._f.close()
+        tmp = aside_path(self.path)
+        with open(tmp, "wb") as out, open(self.spool, "rb") as src:
+            out.write(_header_bytes(self._specs))
+            while chunk := src.read(self.CHUNK):
+                out.write(chunk)
+            out.flush()
+        self.spool.unlink()
+        test_pause("file-aside")
+        fsync_file(tmp)
+        publish(tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the spool (nothing is published)."""
+        self._f.close()
+        self.spool.unlink(missing_ok=True)
 
 
 def save_tensors_durable(tensors: dict[str, torch.Tensor], path: Path) -> None:

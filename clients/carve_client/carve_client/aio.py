@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2
 from carve_client.channel import RETRY_CODES, ClientConnection, retry_delays
 from carve_client.codec import observation_proto
 from carve_client.errors import PolicyError
-from carve_client.messages import (EpisodeInfo, chunk_from_response, episode_start, route_dict,
-                                   server_info_from_proto, skills_from_proto)
+from carve_client.messages import (EpisodeInfo, episode_start, route_dict, server_info_from_proto,
+                                   skills_from_proto)
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
 
 
@@ -70,7 +70,7 @@ class AsyncEpisode(EpisodeInfo):
             raise PolicyError(grpc.StatusCode.FAILED_PRECONDITION, "episode is closed")
         await self._bounded(self._call.write(pb.EpisodeRequest(
             observation=observation_proto(state, images, self._step, encode))), "flow control")
-        actions, _ = chunk_from_response(await self._read("ActionChunk"))
+        actions, _ = self._take_chunk(await self._read("ActionChunk"))
         self._step += 1
         return actions
 

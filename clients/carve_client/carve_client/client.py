@@ -24,11 +24,15 @@ from grpc_health.v1 import health_pb2
 from carve_client.channel import RETRY_CODES, ClientConnection, retry_delays
 from carve_client.codec import observation_proto
 from carve_client.errors import PolicyError
-from carve_client.messages import (EpisodeInfo, chunk_from_response, episode_start, route_dict,
-                                   server_info_from_proto, skills_from_proto)
+from carve_client.messages import (EpisodeInfo, episode_start, route_dict, server_info_from_proto,
+                                   skills_from_proto)
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
 
 _END = object()  # the server finished the response stream
+# Opening an episode is also retried on CANCELLED: a server that shuts down answers new episodes
+# UNAVAILABLE, but a call in flight at the very instant grpc's core stops is cancelled by the core
+# before any handler sees it. Before EpisodeStarted nothing has happened, so a retry is safe.
+EPISODE_OPEN_RETRY_CODES = (*RETRY_CODES, grpc.StatusCode.CANCELLED)
 
 
 class Episode(EpisodeInfo):
@@ -100,7 +104,7 @@ class Episode(EpisodeInfo):
         t0 = time.perf_counter()
         self._requests.put(pb.EpisodeRequest(
             observation=observation_proto(state, images, self._step, encode)))
-        actions, inference_ms = chunk_from_response(self._next("ActionChunk"))
+        actions, inference_ms = self._take_chunk(self._next("ActionChunk"))
         self._step += 1
         self.last_timing = {"round_trip_ms": (time.perf_counter() - t0) * 1e3,
                             "inference_ms": inference_ms}
@@ -129,9 +133,10 @@ class Episode(EpisodeInfo):
 class PolicyClient(ClientConnection):
     """Synchronous client. ``timeout`` (seconds, None = unbounded) bounds every call, including
     each ``Episode.infer``; ``retries`` reconnect attempts (exponential backoff from ``backoff_s``)
-    are made when opening an episode or calling a unary RPC hits UNAVAILABLE."""
+    are made when opening an episode or calling a unary RPC hits UNAVAILABLE (opening an episode
+    also on CANCELLED, see ``EPISODE_OPEN_RETRY_CODES``)."""
 
-    def _retry(self, fn):
+    def _retry(self, fn, codes=RETRY_CODES):
         for delay in retry_delays(self.retries, self.backoff_s):
             try:
                 return fn()
@@ -139,7 +144,7 @@ class PolicyClient(ClientConnection):
                 err = PolicyError.from_rpc(e)
             except PolicyError as e:
                 err = e
-            if err.code not in RETRY_CODES or delay is None:
+            if err.code not in codes or delay is None:
                 raise err
             time.sleep(delay)
 
@@ -174,7 +179,8 @@ class PolicyClient(ClientConnection):
         """Open an episode (context manager). ``skill`` forces a skill id; otherwise the server
         routes ``instruction`` (using the first observation too when given)."""
         start = episode_start(instruction, skill, chunk_length, info, first_state, first_images)
-        return self._retry(lambda: Episode(self._stub, self._metadata, start, self.timeout))
+        return self._retry(lambda: Episode(self._stub, self._metadata, start, self.timeout),
+                           EPISODE_OPEN_RETRY_CODES)
 
     def list_skills(self) -> list[dict]:
         """[{"name", "instructions", "description", "order"}] of the served skills."""

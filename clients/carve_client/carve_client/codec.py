@@ -7,6 +7,8 @@ names the offending field and carries the gRPC status code a servicer should ans
 
 from __future__ import annotations
 
+import math
+import struct
 import time
 
 import grpc
@@ -54,19 +56,37 @@ def encode_tensor(arr: np.ndarray) -> pb.Tensor:
     return pb.Tensor(data=arr.tobytes(), dtype=name, shape=list(arr.shape))
 
 
+MAX_TENSOR_DIMS = 8
+_ECHO = 48  # characters of a client-supplied value echoed back in an error message
+
+
+def echo(value, limit: int = _ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages may quote what a client sent,
+    but a status message must stay far below the peer's metadata limit (8 KiB by default)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
 def decode_tensor(t: pb.Tensor, field: str) -> np.ndarray:
     """Tensor message -> numpy array of its shape and dtype (native byte order);
-    WireError(INVALID_ARGUMENT) naming ``field`` if malformed."""
+    WireError(INVALID_ARGUMENT) naming ``field`` if malformed.
+
+    The element count is computed with Python integers (never an overflowing int64 product) and
+    checked against the byte length before any array is made, so a shape with no data behind it
+    costs nothing."""
     if t.dtype not in DTYPES:
-        raise _bad(field, f"unsupported dtype {t.dtype!r} (use one of {sorted(DTYPES)})")
-    if any(s < 0 for s in t.shape):
-        raise _bad(field, f"negative dimension in shape {list(t.shape)}")
+        raise _bad(field, f"unsupported dtype {echo(t.dtype)} (use one of {sorted(DTYPES)})")
+    shape = list(t.shape)
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise _bad(field, f"{len(shape)} dimensions (at most {MAX_TENSOR_DIMS})")
+    if any(s < 0 for s in shape):
+        raise _bad(field, f"negative dimension in shape {echo(shape)}")
     dt = np.dtype(DTYPES[t.dtype]).newbyteorder("<")
-    n = int(np.prod(t.shape)) if len(t.shape) else 1
+    n = math.prod(shape)
     if len(t.data) != n * dt.itemsize:
-        raise _bad(field, f"{len(t.data)} bytes do not match shape {list(t.shape)} of {t.dtype} "
+        raise _bad(field, f"{len(t.data)} bytes do not match shape {echo(shape)} of {t.dtype} "
                           f"({n * dt.itemsize} bytes expected)")
-    return np.frombuffer(t.data, dtype=dt).reshape(tuple(t.shape)).astype(dt.newbyteorder("="))
+    return np.frombuffer(t.data, dtype=dt).reshape(tuple(shape)).astype(dt.newbyteorder("="))
 
 
 def encode_image(img: np.ndarray, encode: str = "raw", quality: int = 90) -> pb.Image:
@@ -87,29 +107,110 @@ def encode_image(img: np.ndarray, encode: str = "raw", quality: int = 90) -> pb.
     return pb.Image(encoded=buf.tobytes(), format="jpeg" if ext == ".jpg" else "png")
 
 
-def decode_image(msg: pb.Image, field: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Image message -> uint8 (H, W, 3) RGB array. Oversized images are RESOURCE_EXHAUSTED."""
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (the ones carrying the frame size): C0-CF minus DHT, JPG and DAC
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def _jpeg_size(data: bytes, field: str) -> tuple[int, int]:
+    """(width, height) from the first start-of-frame segment; each step moves forward by at
+    least two bytes, so the walk ends within ``len(data)`` steps."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise _bad(field, f"corrupt JPEG: no marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            break  # end of image / start of scan before any frame header
+        seg = int.from_bytes(data[i + 2:i + 4], "big")
+        if seg < 2:
+            raise _bad(field, f"corrupt JPEG: segment length {seg} at byte {i}")
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                break
+            return (int.from_bytes(data[i + 7:i + 9], "big"),
+                    int.from_bytes(data[i + 5:i + 7], "big"))
+        i += 2 + seg
+    raise _bad(field, "corrupt JPEG: no frame header (SOF) before the image data")
+
+
+def image_header_size(data: bytes, field: str) -> tuple[str, int, int]:
+    """(format, width, height) read from the header of JPEG or PNG ``data`` without decoding it,
+    so a size can be refused before any pixel is allocated. Other formats (which OpenCV would
+    also decode: TIFF, WebP, ...) are refused: the protocol carries JPEG and PNG only."""
+    if not data:
+        raise _bad(field, "empty encoded image bytes")
+    if data.startswith(_PNG_MAGIC):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise _bad(field, "corrupt PNG: no IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        return "png", width, height
+    if data.startswith(b"\xff\xd8"):
+        return ("jpeg", *_jpeg_size(data, field))
+    raise _bad(field, f"encoded image is neither JPEG nor PNG (starts with {echo(data[:8])})")
+
+
+def _check_pixels(field: str, width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise _bad(field, f"image declares {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{field}: {width}x{height} image exceeds the server's limit of "
+                        f"{max_pixels} pixels")
+
+
+def _decode_encoded(data: bytes, field: str, max_pixels: int,
+                    expect_hw: tuple[int, int] | None) -> np.ndarray:
+    fmt, width, height = image_header_size(data, field)
+    _check_pixels(field, width, height, max_pixels)
+    if expect_hw is not None and (height, width) != tuple(expect_hw):
+        raise _bad(field, f"{fmt} image is {width}x{height} (expected {expect_hw[1]}x"
+                          f"{expect_hw[0]})")
+    cv2 = _cv2()
+    try:
+        # ignore EXIF orientation: the decoded size must be the header's size
+        arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8),
+                           cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as e:
+        raise _bad(field, f"could not decode the {fmt} image: "
+                          f"{echo(str(e).strip().splitlines()[-1:] or '')}") from None
+    if arr is None:
+        raise _bad(field, f"could not decode the {fmt} image bytes")
+    if arr.shape[:2] != (height, width):
+        raise _bad(field, f"{fmt} image decoded to {arr.shape[1]}x{arr.shape[0]}, its header "
+                          f"says {width}x{height}")
+    return arr[..., ::-1].copy()  # OpenCV decodes BGR; the models take RGB
+
+
+def decode_image(msg: pb.Image, field: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                 expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Image message -> uint8 (H, W, 3) RGB array; WireError naming ``field`` otherwise.
+
+    The size is checked before any pixel is decoded (raw: from the tensor shape; JPEG/PNG: from
+    the header): over ``max_pixels`` is RESOURCE_EXHAUSTED; empty, corrupt, non-JPEG/PNG bytes or
+    a size other than ``expect_hw`` (height, width), when given, are INVALID_ARGUMENT. Peak memory
+    is thus one decoded image of at most ``max_pixels`` (and of ``expect_hw`` when given)."""
     kind = msg.WhichOneof("payload")
     if kind == "raw":
-        arr = decode_tensor(msg.raw, f"{field}.raw")
-        if arr.dtype != np.uint8 or arr.ndim != 3:
-            raise _bad(field, f"raw image must be uint8 HWC, got {arr.dtype} {list(arr.shape)}")
-    elif kind == "encoded":
+        shape = list(msg.raw.shape)
+        if len(shape) != 3 or msg.raw.dtype != "uint8":
+            raise _bad(field, f"raw image must be uint8 HWC, got {echo(msg.raw.dtype)} "
+                              f"{echo(shape)}")
+        _check_pixels(field, shape[1], shape[0], max_pixels)
+        return decode_tensor(msg.raw, f"{field}.raw")
+    if kind == "encoded":
         if len(msg.encoded) > max_pixels * 3:
             raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"{field}: encoded image of {len(msg.encoded)} bytes is too large")
-        cv2 = _cv2()
-        arr = cv2.imdecode(np.frombuffer(msg.encoded, dtype=np.uint8), cv2.IMREAD_COLOR)
-        if arr is None:
-            raise _bad(field, f"could not decode the {msg.format or 'encoded'} image bytes")
-        arr = arr[..., ::-1].copy()  # OpenCV decodes BGR; the models take RGB
-    else:
-        raise _bad(field, "image has neither raw nor encoded payload")
-    if arr.shape[0] * arr.shape[1] > max_pixels:
-        raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{field}: {arr.shape[1]}x{arr.shape[0]} image exceeds the server's "
-                        f"limit of {max_pixels} pixels")
-    return arr
+        return _decode_encoded(msg.encoded, field, max_pixels, expect_hw)
+    raise _bad(field, "image has neither raw nor encoded payload")
 
 
 def observation_proto(state: np.ndarray, images: dict[str, np.ndarray] | None, step: int,

@@ -56,7 +56,10 @@ class EpisodeInfo:
     """What the server announced when the episode opened (mixed into the episode classes).
 
     episode_id; skill (None = core-only or abstained); confidence, route (dict, see
-    ``route_dict``); core_only; spec (PolicySpec); state_version.
+    ``route_dict``); core_only; spec (PolicySpec); state_version; notes (list of str: facts
+    about how the server converts this episode's observations, e.g. that it resizes cameras of
+    another size). last_notes: the notes of the latest action chunk (e.g. "camera 'front':
+    480x640 resized to 256x256 (bilinear)"), empty when the observation was used as sent.
     """
 
     def _set_started(self, first: pb.EpisodeResponse) -> None:
@@ -70,3 +73,11 @@ class EpisodeInfo:
         self.confidence = float(st.route.confidence)
         self.spec = spec_from_proto(st.spec)
         self.state_version = st.state_version
+        self.notes: list[str] = list(st.notes)
+        self.last_notes: list[str] = []
+
+    def _take_chunk(self, resp: pb.EpisodeResponse) -> tuple[np.ndarray, float]:
+        """``chunk_from_response`` that also records the chunk's notes in ``last_notes``."""
+        actions, inference_ms = chunk_from_response(resp)
+        self.last_notes = list(resp.chunk.notes)
+        return actions, inference_ms

@@ -35,12 +35,16 @@ class TensorContext:
     """What a method knows about the tensor it is merging.
 
     name: checkpoint key; shape: full shape; dense: True when policy says keep this tensor dense
-    (1-D tensors, ``--dense-pattern`` matches), so low-rank compression must not be applied.
+    (1-D tensors, ``--dense-pattern`` matches), so low-rank compression must not be applied;
+    core_dtype: the dtype the core of this tensor will be stored in (None: it is not stored, or
+    stored exactly). A method whose residual depends on the core (CARVE) rounds its new core to
+    it first, so the residual is fitted against the core that will actually be served.
     """
 
     name: str
     shape: tuple[int, ...]
     dense: bool = False
+    core_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -126,6 +130,18 @@ class MergeMethod:
                      skill: str) -> AdmitResult:
         """Admit expert number ``t`` (1-based) named ``skill``. tau: float32, shape ctx.shape."""
         raise NotImplementedError(f"method {self.name!r} is one-shot: use `carve merge`")
+
+    def supports_blocks(self, ctx: TensorContext) -> bool:
+        """True when :meth:`admit_blocked` can admit ``ctx``'s tensor from row blocks (so a huge
+        tensor never exists whole in float32). Default False: the stream calls
+        :meth:`admit_tensor` with the whole task vector."""
+        return False
+
+    def admit_blocked(self, ctx: TensorContext, tau_rows, core_prev: torch.Tensor | None,
+                      t: int, skill: str) -> AdmitResult | None:
+        """Admit a tensor seen as ``tau_rows(a, b)`` (float32 rows ``[a, b)``); only called
+        when :meth:`supports_blocks`. None: the task vector is all zero (nothing to admit)."""
+        raise NotImplementedError(f"method {self.name!r} has no row-block admission")
 
     # one-shot methods --------------------------------------------------------------------------
     def observe_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> None:

@@ -16,13 +16,19 @@ old skills stop paying for the core's drift.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.lowrank import should_store_dense, truncated_svd
+from policy_server.merge.lowrank import (
+    blocked_randomized_svd,
+    row_blocks,
+    should_store_dense,
+    truncated_svd,
+)
 from policy_server.merge.methods.base import (
     AdmitResult,
     MergeMethod,
@@ -101,6 +107,20 @@ def concordance_mask(tau: torch.Tensor, core: torch.Tensor, zero_core: str = "co
     return same & (core != 0)
 
 
+def stored_core(C: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The core as it will be stored: rounded to ``dtype`` (nearest), back in ``C``'s dtype.
+
+    Returned as the new core so the next admission, the drift ``dC`` and the served weights all
+    start from what is stored. The residual is fitted against the unrounded core: fitting the
+    rounding (at most half a ``dtype`` ulp of the core, below the served bf16 weight's own
+    rounding whenever ``|C| <= |W|``) would cost full-rank factors for noise. Coordinates the
+    update leaves alone are bitwise unchanged (a stored value round-trips), so the rounding error
+    only moves where the core moves; its bound is in docs/CARVE.md, section 4."""
+    if dtype is None or dtype == C.dtype:
+        return C
+    return C.to(dtype).to(C.dtype)
+
+
 @register_method
 class CarveMethod(MergeMethod):
     """CARVE admission (docs/CARVE.md); every unstated choice is a :class:`CarveOptions` knob."""
@@ -156,6 +176,19 @@ class CarveMethod(MergeMethod):
             return Dense(R.contiguous())
         return lr
 
+    def _step(self, tau: torch.Tensor, C_prev: torch.Tensor, t: int,
+              aux: dict[str, torch.Tensor]):
+        """The admission rule on a whole tensor or a row block of it (same shapes, work dtype):
+        (new core, unrounded; concordance mask; residual; new aux)."""
+        o = self.options
+        m = concordance_mask(tau, C_prev, o.zero_core)
+        eta, aux = self._eta(t, m, aux)
+        C = C_prev + eta * m.to(tau.dtype) * (tau - C_prev)
+        # against the unrounded core: skill 1 under 1/t stays exactly absorbed (R = 0) instead of
+        # storing bf16 rounding noise at full rank (see stored_core)
+        R = tau - C if o.residual == "tau-minus-core" else tau * (~m).to(tau.dtype)
+        return C, m, R, aux
+
     # ------------------------------------------------------------------ admission
     def admit_tensor(self, ctx: TensorContext, tau: torch.Tensor, state: TensorState, t: int,
                      skill: str) -> AdmitResult:
@@ -166,21 +199,21 @@ class CarveMethod(MergeMethod):
         o = self.options
         if t < 1:
             raise InputError(f"carve: admission index t must be >= 1, got {t}")
-        tau = tau.float()
+        # float32 work dtype; a float64 task vector keeps float64 (the reference of the core
+        # dtype error measurement, bench/bench_core_dtype.py)
+        tau = tau if tau.dtype == torch.float64 else tau.float()
         if tuple(tau.shape) != tuple(ctx.shape):
             raise InputError(f"carve: task vector for {ctx.name!r} has shape {tuple(tau.shape)}, "
                              f"expected {tuple(ctx.shape)}")
         if not bool(torch.isfinite(tau).all()):
             raise InputError(f"carve: task vector of {ctx.name!r} (skill {skill!r}) has non-finite "
                              f"values; refusing to fold them into the shared core")
-        C_prev = state.core.float() if state.core is not None else torch.zeros_like(tau)
+        C_prev = state.core.to(tau.dtype) if state.core is not None else torch.zeros_like(tau)
         if tuple(C_prev.shape) != tuple(tau.shape):
             raise InputError(f"carve state: core of {ctx.name!r} has shape {tuple(C_prev.shape)}, "
                              f"task vector has {tuple(tau.shape)}")
-        m = concordance_mask(tau, C_prev, o.zero_core)
-        eta, aux = self._eta(t, m, state.aux)
-        C = C_prev + eta * m.to(torch.float32) * (tau - C_prev)
-        R = tau - C if o.residual == "tau-minus-core" else tau * (~m).to(torch.float32)
+        C, m, R, aux = self._step(tau, C_prev, t, state.aux)
+        C = stored_core(C, ctx.core_dtype)
         seed = self.seed * 1_000_003 + t
         entry = self._compress(ctx, R, seed)
 
@@ -210,3 +243,59 @@ class CarveMethod(MergeMethod):
         if updated:
             info["drift_refit"] = sorted(updated)
         return AdmitResult(core=C, aux=aux, entry=entry, updated=updated, info=info)
+
+    # ------------------------------------------------------------------ row-block admission
+    def supports_blocks(self, ctx: TensorContext) -> bool:
+        """True when :meth:`admit_blocked` can admit this tensor from row blocks: a fixed-rank
+        residual from the randomized SVD, a rate that needs no per-coordinate aux and no
+        earlier residuals (the other options go through :meth:`admit_tensor`)."""
+        o = self.options
+        if len(ctx.shape) != 2 or ctx.dense or int(o.rank) <= 0:
+            return False
+        m, n = ctx.shape
+        return (o.rate != "count" and o.energy is None and o.svd != "exact"
+                and not o.drift_compensation and m * n > o.dense_max_numel
+                and not should_store_dense(m, n, int(o.rank)))
+
+    def admit_blocked(self, ctx: TensorContext, tau_rows, core_prev: torch.Tensor | None,
+                      t: int, skill: str) -> AdmitResult | None:
+        """:meth:`admit_tensor` for a tensor only read in row blocks (a vocabulary embedding, an
+        LM head), when :meth:`supports_blocks`.
+
+        tau_rows(a, b): float32 rows ``[a, b)`` of the task vector; core_prev: the stored core
+        (any float dtype, ``ctx.shape``) or None. The new core is assembled directly in
+        ``ctx.core_dtype`` (float32 when None) and the residual ``R`` is recomputed from
+        ``tau_rows`` and ``core_prev`` block by block for each pass of
+        :func:`blocked_randomized_svd`, so no float32 copy of the whole tensor ever exists.
+        Returns None when the task vector is all zero (the stream then keeps the prior core)."""
+        o = self.options
+        work = ctx.core_dtype or torch.float32
+        new_core = torch.empty(ctx.shape, dtype=work)
+        sums = torch.zeros(4, dtype=torch.float64)  # |tau|^2, |R|^2, |dC|^2, concordant count
+
+        def block(a: int, b: int):
+            tau = tau_rows(a, b)
+            prev = (core_prev[a:b].float() if core_prev is not None
+                    else torch.zeros_like(tau))
+            C, m, R, _ = self._step(tau, prev, t, {})
+            return tau, prev, C, m, R
+
+        for a, b in row_blocks(*ctx.shape):
+            tau, prev, C, m, R = block(a, b)
+            if not bool(torch.isfinite(tau).all()):
+                raise InputError(f"carve: task vector of {ctx.name!r} (skill {skill!r}) has "
+                                 f"non-finite values; refusing to fold them into the shared core")
+            new_core[a:b] = C
+            dC = new_core[a:b].float() - prev
+            sums += torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) ** 2
+                                 for x in (tau, R, dC)] + [m.sum(dtype=torch.float64)])
+        if float(sums[0]) == 0.0:
+            return None
+        entry = blocked_randomized_svd(lambda a, b: block(a, b)[4], *ctx.shape, int(o.rank),
+                                       o.oversample, o.power_iters, self.seed * 1_000_003 + t)
+        info = {"kind": "lowrank", "rank": entry.rank, "rel_error": float(entry.rel_error),
+                "concordant_fraction": float(sums[3]) / math.prod(ctx.shape),
+                "residual_norm": math.sqrt(float(sums[1])),
+                "tau_norm": math.sqrt(float(sums[0])),
+                "core_change_norm": math.sqrt(float(sums[2])), "row_blocks": True}
+        return AdmitResult(core=new_core, aux={}, entry=entry, info=info)

@@ -159,34 +159,38 @@ class RouteDecision(_message.Message):
     def __init__(self, skill: _Optional[str] = ..., confidence: _Optional[float] = ..., margin: _Optional[float] = ..., abstained: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., reason: _Optional[str] = ..., router: _Optional[str] = ...) -> None: ...
 
 class EpisodeStarted(_message.Message):
-    __slots__ = ("episode_id", "skill", "core_only", "route", "spec", "state_version")
+    __slots__ = ("episode_id", "skill", "core_only", "route", "spec", "state_version", "notes")
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SKILL_FIELD_NUMBER: _ClassVar[int]
     CORE_ONLY_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     episode_id: str
     skill: str
     core_only: bool
     route: RouteDecision
     spec: ActionSpec
     state_version: str
-    def __init__(self, episode_id: _Optional[str] = ..., skill: _Optional[str] = ..., core_only: _Optional[bool] = ..., route: _Optional[_Union[RouteDecision, _Mapping]] = ..., spec: _Optional[_Union[ActionSpec, _Mapping]] = ..., state_version: _Optional[str] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, episode_id: _Optional[str] = ..., skill: _Optional[str] = ..., core_only: _Optional[bool] = ..., route: _Optional[_Union[RouteDecision, _Mapping]] = ..., spec: _Optional[_Union[ActionSpec, _Mapping]] = ..., state_version: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ActionChunk(_message.Message):
-    __slots__ = ("step", "actions", "server_received_time", "server_done_time", "inference_ms")
+    __slots__ = ("step", "actions", "server_received_time", "server_done_time", "inference_ms", "notes")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     SERVER_RECEIVED_TIME_FIELD_NUMBER: _ClassVar[int]
     SERVER_DONE_TIME_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     step: int
     actions: Tensor
     server_received_time: float
     server_done_time: float
     inference_ms: float
-    def __init__(self, step: _Optional[int] = ..., actions: _Optional[_Union[Tensor, _Mapping]] = ..., server_received_time: _Optional[float] = ..., server_done_time: _Optional[float] = ..., inference_ms: _Optional[float] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., actions: _Optional[_Union[Tensor, _Mapping]] = ..., server_received_time: _Optional[float] = ..., server_done_time: _Optional[float] = ..., inference_ms: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EpisodeResponse(_message.Message):
     __slots__ = ("started", "chunk")

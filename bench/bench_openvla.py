@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policy_server.models.base import ObservationBatch  # noqa: E402
 from policy_server.models.openvla import tiny  # noqa: E402
 from policy_server.models.openvla.config import parse_config  # noqa: E402
-from policy_server.tensors.entries import LowRank  # noqa: E402
+from bench.synthetic import SyntheticSnapshot, compare  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -55,32 +54,11 @@ def accounting(rank: int, ns=(1, 4, 10, 40), bytes_per=2) -> None:
               f"{n * model / GiB:8.2f} GiB | ratio {served / (n * model):.3f}")
 
 
-class Snap:
-    """In-memory merge state: a small dense core and rank-r residuals on every target, per skill."""
-
-    def __init__(self, sd: dict, skills: int, rank: int):
-        g = torch.Generator().manual_seed(1)
-        self.version, self.manifest = "bench", {}
-        tg = residual_targets(sd)
-        self._core = {k: torch.randn(sd[k].shape, generator=g) * 1e-4 for k in tg[:4]}
-        self._res = {f"skill{i}": {k: LowRank(torch.randn(sd[k].shape[0], rank, generator=g) * 1e-3,
-                                              torch.randn(rank, sd[k].shape[1], generator=g) * 1e-3)
-                                   for k in tg} for i in range(skills)}
-
-    def skill_names(self):
-        return list(self._res)
-
-    def core(self):
-        return self._core
-
-    def residuals(self, name):
-        return self._res[name]
-
-    def skill(self, name):
-        return {"name": name, "instructions": []}
-
-    def skill_artifacts(self, name):
-        return {}
+def bench_snapshot(sd: dict, skills: int, rank: int) -> SyntheticSnapshot:
+    """A small dense core and rank-r residuals on every target, per skill."""
+    tg = residual_targets(sd)
+    return SyntheticSnapshot({k: v.shape for k, v in sd.items()}, tg[:4], tg, skills, rank,
+                             core_scale=1e-4, scale=1e-3)
 
 
 def make_backend(dims: str, oft: bool, device: str):
@@ -108,23 +86,9 @@ def obs(backend, n: int, seed: int = 0) -> ObservationBatch:
     return ObservationBatch(rng.normal(size=(n, backend.spec.state_dim)).astype(np.float32), instr, imgs)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def best_ms(fn, reps: int, device: str, warmup: int = 1) -> float:
     """Minimum wall time in ms over ``reps`` (load from other processes only adds time)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append((time.perf_counter() - t) * 1e3)
-    return min(ts)
+    return compare({"fn": fn}, reps, device, warmup)["fn"]
 
 
 def run_family(a, oft: bool) -> None:
@@ -132,7 +96,7 @@ def run_family(a, oft: bool) -> None:
 
     dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     sd = make_backend(a.dims, oft, "meta").module.state_dict()
-    snap = Snap(sd, a.skills, a.rank)
+    snap = bench_snapshot(sd, a.skills, a.rank)
     engines = {m: assemble_engine(make_backend(a.dims, oft, a.device), snap, EngineConfig(
         base_dir="", mode=m, device=a.device, dtype=dtype, router="exact", max_wait_ms=0.0))
         for m in ("side", "fused")}

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.synthetic import SyntheticSnapshot, compare
 from policy_server.tensors.entries import LowRank
 from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
 from policy_server.runtime import ResidualLinear, ResidualStack
@@ -77,58 +78,17 @@ class BenchBackend(PolicyBackend):
         return self.module(torch.from_numpy(batch.state).to(p.device, p.dtype)).float()
 
 
-class Snap:
+def bench_snapshot(module: nn.Module, skills: int, rank: int) -> SyntheticSnapshot:
     """Core on every tensor, rank-r residual on every Linear weight of every block, per skill."""
-
-    def __init__(self, module: nn.Module, skills: int, rank: int):
-        g = torch.Generator().manual_seed(1)
-        sd = module.state_dict()
-        self.version, self.manifest = "bench", {}
-        self._core = {k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in sd.items()}
-        targets = [k for k, v in sd.items() if k.startswith("blocks.") and v.dim() == 2]
-        self._res = {f"skill{i}": {k: LowRank(torch.randn(sd[k].shape[0], rank, generator=g) * 1e-2,
-                                              torch.randn(rank, sd[k].shape[1], generator=g) * 1e-2)
-                                   for k in targets} for i in range(skills)}
-
-    def skill_names(self):
-        return list(self._res)
-
-    def core(self):
-        return self._core
-
-    def residuals(self, name):
-        return self._res[name]
-
-    def skill(self, name):
-        return {"name": name, "instructions": []}
+    sd = module.state_dict()
+    targets = [k for k, v in sd.items() if k.startswith("blocks.") and v.dim() == 2]
+    return SyntheticSnapshot({k: v.shape for k, v in sd.items()}, list(sd), targets, skills, rank,
+                             core_scale=1e-3, scale=1e-2)
 
 
 def obs(n: int, seed: int = 0) -> ObservationBatch:
     rng = np.random.default_rng(seed)
     return ObservationBatch(rng.standard_normal((n, STATE)).astype(np.float32), ["x"] * n)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def compare(fns: dict, reps: int, device: str = "cpu", warmup: int = 2) -> dict[str, float]:
-    """Best (minimum) wall time in ms of each ``fn()`` over ``reps``, measured round-robin: on a
-    shared CPU, load from other processes only ever adds time, so the minimum is the stable
-    estimate of the cost and round-robin exposes every variant to the same conditions."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    ts: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            ts[k].append((time.perf_counter() - t) * 1e3)
-    return {k: min(v) for k, v in ts.items()}
 
 
 def layer_overhead(d: int, tokens: int, rank: int, batch: int, reps: int, device: str) -> None:
@@ -194,14 +154,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--steps", type=int, default=8, help="steps per episode (throughput)")
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on shared cores the default count is slower)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
 
     layer_overhead(a.dim, a.tokens, a.rank, a.batch, 5 * a.reps, a.device)
-    snap = Snap(BenchBackend(a.dim, a.layers, a.tokens).module, a.skills, a.rank)
+    snap = bench_snapshot(BenchBackend(a.dim, a.layers, a.tokens).module, a.skills, a.rank)
     def make(mode: str):
         # the serving composition root, over the in-memory model and state
         return assemble_engine(BenchBackend(a.dim, a.layers, a.tokens), snap, EngineConfig(

@@ -94,6 +94,9 @@ class RuntimeEngine(PolicyEngine):
                 "state_version": self.snapshot.version if self.snapshot is not None else "",
                 "router": getattr(self.router, "name", type(self.router).__name__)}
 
+    def attach_metrics(self, recorder) -> None:
+        self.batcher.metrics = recorder
+
     def close(self) -> None:
         self.batcher.close()
 

@@ -71,7 +71,7 @@ class ServeProcess:
         self._err_reader = threading.Thread(
             target=lambda: self._err.extend(iter(self.proc.stderr.readline, "")), daemon=True)
         self._err_reader.start()
-        line = self._readline(ready_timeout)
+        line = self.line = self._readline(ready_timeout)  # the "listening on" line
         m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if not m:
             self.proc.kill()

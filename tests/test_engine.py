@@ -396,7 +396,7 @@ def test_methods_declare_their_protocol():
     get_method("carve")  # imports every method module
     one_shot = {n for n, c in METHODS.items() if c.one_shot}
     assert one_shot == {"task_arithmetic", "ties", "dare", "tall_mask", "tsv", "resmerge",
-                        "magmax", "opcm"}
+                        "magmax", "opcm", "iso_c", "iso_cts"}
     assert {n for n, c in METHODS.items() if c.continual} == {
         "carve", "bank", "task_arithmetic", "magmax", "opcm"}
     assert {n for n, c in METHODS.items() if c.per_skill} == {"carve", "bank", "tall_mask"}

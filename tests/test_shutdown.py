@@ -17,8 +17,10 @@ from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 
 from serving_utils import ServeProcess, make_stack
 
-GRACE = 2.0
-SLACK = 3.0  # process exit after the drain: grpc's own short grace, engine close, interpreter
+GRACE = 3.0
+# Exit after the drain (grpc's own short grace, engine close, interpreter shutdown), generous
+# because CI runs on 2 shared cores.
+SLACK = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,7 @@ def test_drain_serves_running_episode_then_ends_it_with_unavailable(stack):
         client.close()
     print(f"drain: {served_during_drain} steps served, episode ended after {took:.2f}s, "
           f"{len(refusals)} refusals {set(refusals)}")
-    assert served_during_drain > 5
+    assert served_during_drain >= 3
     assert ended is not None and ended.code == grpc.StatusCode.UNAVAILABLE, ended
     assert "drain grace" in ended.details
     assert refusals and set(refusals) == {grpc.StatusCode.UNAVAILABLE}, refusals

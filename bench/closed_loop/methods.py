@@ -73,6 +73,8 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
     MethodSpec("dare", "dare", "oneshot", {}, "DARE (+TA), re-merged over experts 1..t"),
     MethodSpec("tsv", "tsv", "oneshot", {}, "TSV-Merge, re-merged over experts 1..t"),
     MethodSpec("resmerge", "resmerge", "oneshot", {}, "ResMerge, re-merged over experts 1..t"),
+    MethodSpec("iso_c", "iso_c", "oneshot", {}, "Iso-C, re-merged over experts 1..t"),
+    MethodSpec("iso_cts", "iso_cts", "oneshot", {}, "Iso-CTS, re-merged over experts 1..t"),
     MethodSpec("tall_mask", "tall_mask", "oneshot", {},
                "TALL / MergeVLA task masks (per-skill masks), re-merged over experts 1..t"),
 ]}

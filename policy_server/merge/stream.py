@@ -21,6 +21,7 @@ import torch
 
 from policy_server.dtypes import PARAM_DTYPE, storage_dtype
 from policy_server.errors import StateError
+from policy_server.merge.blocks import BLOCK_BUDGET_BYTES, RowBlocks, row_blocks
 from policy_server.merge.hooks import AdmissionHook, run_hooks
 from policy_server.merge.methods.base import MergeMethod, TensorState, fold_step
 from policy_server.merge.plan import AUX_SEP, float_keys, is_unchanged, tensor_context
@@ -171,18 +172,23 @@ def _with_zeros(taus: list, shape) -> list[torch.Tensor]:
 
 
 def _observe_pass(method: MergeMethod, base: CheckpointReader, experts: Sequence[ExpertSource],
-                  dense_patterns: Sequence[str], show_progress: bool) -> None:
+                  dense_patterns: Sequence[str], show_progress: bool,
+                  block_budget: int | None) -> None:
     keys = float_keys(base)
     for key in progress(keys, show_progress, f"observe ({method.name})", len(keys)):
+        ctx = tensor_context(key, base.shape(key), dense_patterns)
+        blocks = row_blocks(method, ctx, base, experts, block_budget)
+        if blocks is not None:
+            method.observe_blocked(ctx, blocks)
+            continue
         taus = [e.task_vector(key) for e in experts]
         if all(is_unchanged(x) for x in taus):
             continue
-        method.observe_tensor(tensor_context(key, base.shape(key), dense_patterns),
-                              _with_zeros(taus, base.shape(key)))
+        method.observe_tensor(ctx, _with_zeros(taus, base.shape(key)))
 
 
-def _merge_at_once(method: MergeMethod, ctx, taus: list, n: int) -> MergedTensor:
-    res = method.merge_tensor(ctx, _with_zeros(taus, ctx.shape))
+def _merged(method: MergeMethod, ctx, res, n: int) -> MergedTensor:
+    """A one-shot method's result for one tensor, checked (one entry per expert)."""
     if len(res.entries) != n:
         raise StateError(f"method {method.name!r} returned {len(res.entries)} entries for "
                          f"{n} experts at tensor {ctx.name!r}")
@@ -191,15 +197,39 @@ def _merge_at_once(method: MergeMethod, ctx, taus: list, n: int) -> MergedTensor
     return MergedTensor(ctx.name, True, res.core, {}, list(res.entries), records)
 
 
-def _merge_by_folding(method: MergeMethod, ctx, taus: list, names: Sequence[str]
-                      ) -> MergedTensor:
-    """A continual method merged at once: the experts admitted in order, for this tensor."""
+def _unchanged(key: str, n: int) -> MergedTensor:
+    return MergedTensor(key, True, None, {}, [None] * n, [None] * n)
+
+
+def _merge_at_once(method: MergeMethod, ctx, experts: Sequence[ExpertSource]) -> MergedTensor:
+    """A one-shot method given all N whole task vectors of one tensor."""
+    taus = [e.task_vector(ctx.name) for e in experts]
+    if all(is_unchanged(x) for x in taus):
+        return _unchanged(ctx.name, len(experts))
+    return _merged(method, ctx, method.merge_tensor(ctx, _with_zeros(taus, ctx.shape)),
+                   len(experts))
+
+
+def _merge_blocked(method: MergeMethod, ctx, blocks: RowBlocks) -> MergedTensor:
+    """A one-shot method merging one tensor from row blocks of all N experts."""
+    res = method.merge_blocked(ctx, blocks)
+    if not blocks.any_nonzero:  # no expert changed it: the base's, as on the whole path
+        return _unchanged(ctx.name, blocks.n)
+    return _merged(method, ctx, res, blocks.n)
+
+
+def _merge_by_folding(method: MergeMethod, ctx, experts: Sequence[ExpertSource],
+                      names: Sequence[str]) -> MergedTensor:
+    """A continual method merged at once: the experts admitted in order, for this tensor, each
+    task vector read only when its turn comes (one in memory, not N)."""
     state = TensorState()
     records: dict[str, dict] = {}
-    for i, tau in enumerate(taus):
+    for i, expert in enumerate(experts):
+        tau = expert.task_vector(ctx.name)
         if is_unchanged(tau):
             continue
         res, state = fold_step(method, ctx, tau, state, i + 1, names[i])
+        del tau
         if res.entry is not None:
             records[names[i]] = entry_record(res.entry, ctx.shape, res.info)
         for s, e in res.updated.items():
@@ -211,33 +241,33 @@ def _merge_by_folding(method: MergeMethod, ctx, taus: list, names: Sequence[str]
 
 def stream_merge(method: MergeMethod, base: CheckpointReader, experts: Sequence[ExpertSource],
                  names: Sequence[str], dense_patterns: Sequence[str] = (),
-                 show_progress: bool = True, core_dtype: str | None = None
-                 ) -> Iterator[MergedTensor]:
+                 show_progress: bool = True, core_dtype: str | None = None,
+                 block_budget: int | None = BLOCK_BUDGET_BYTES) -> Iterator[MergedTensor]:
     """Merge ``experts`` (named ``names``) tensor by tensor over every base key, in key order.
 
     ``core_dtype``: the core dtype spec of the state the merge is written to (None: a
     checkpoint, where the core is folded into the base in float32); methods see it in
     ``TensorContext.core_dtype``.
 
-    Each step reads one tensor from the base's experts (N + 1 tensors in RAM, float32). A
-    ``one_shot`` method gets every task vector at once (missing/None ones as zeros); a continual
-    one has the experts folded in order. ``needs_observe_pass`` methods first see every tensor.
+    A ``one_shot`` method gets every task vector of a tensor at once (missing/None ones as
+    zeros): whole tensors (N + 1 in RAM, float32) unless the N exceed ``block_budget`` bytes
+    and the method supports row blocks (``merge/blocks.py``; None: never blocked), so its
+    working set does not grow with N. A continual one has the experts folded in order, one task
+    vector in memory at a time. ``needs_observe_pass`` methods first see every tensor.
     """
     if method.needs_observe_pass and method.one_shot:
-        _observe_pass(method, base, experts, dense_patterns, show_progress)
+        _observe_pass(method, base, experts, dense_patterns, show_progress, block_budget)
     floating = set(float_keys(base))
     keys = base.keys()
     for key in progress(keys, show_progress, f"merge ({method.name})", len(keys)):
         if key not in floating:
             yield MergedTensor(key, False)
             continue
-        taus = [e.task_vector(key) for e in experts]
         cdt = storage_dtype(core_dtype, base.dtype(key)) if core_dtype is not None else None
         ctx = tensor_context(key, base.shape(key), dense_patterns, cdt)
-        if all(is_unchanged(x) for x in taus):
-            yield MergedTensor(key, True, None, {}, [None] * len(experts), [None] * len(experts))
-        elif method.one_shot:
-            yield _merge_at_once(method, ctx, taus, len(experts))
-        else:
-            yield _merge_by_folding(method, ctx, taus, names)
-        del taus
+        if not method.one_shot:
+            yield _merge_by_folding(method, ctx, experts, names)
+            continue
+        blocks = row_blocks(method, ctx, base, experts, block_budget)
+        yield (_merge_blocked(method, ctx, blocks) if blocks is not None
+               else _merge_at_once(method, ctx, experts))

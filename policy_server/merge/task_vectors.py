@@ -28,7 +28,8 @@ def _listing(keys: list[str]) -> str:
     return ", ".join(repr(k) for k in keys[:_MAX_LISTED]) + more
 
 
-def _finite(tau: torch.Tensor, path: Path, key: str) -> torch.Tensor:
+def check_finite(tau: torch.Tensor, path: Path, key: str) -> torch.Tensor:
+    """``tau`` itself; InputError naming the expert and tensor if it holds a NaN or inf."""
     # One NaN/inf in an expert would be averaged into the shared core and poison every skill.
     if not bool(torch.isfinite(tau).all()):
         bad = int((~torch.isfinite(tau)).sum())
@@ -64,10 +65,13 @@ class ExpertSource:
         """True when :meth:`task_vector_rows` can read ``key`` a row block at a time."""
         return False
 
-    def task_vector_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def task_vector_rows(self, key: str, start: int, stop: int,
+                         base_rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 rows ``[start, stop)`` of ``key``'s task vector (only when
         :meth:`supports_rows`): what lets a huge tensor be admitted without a full copy. The
-        caller checks them for non-finite values (once, not on every re-read)."""
+        caller checks them for non-finite values (once, not on every re-read). ``base_rows``:
+        the base's rows ``[start, stop)`` when the caller already read them (a one-shot merge
+        shares one read between its N experts)."""
         raise NotImplementedError(f"{type(self).__name__} cannot read task vectors by rows")
 
     def bank_bytes(self) -> int:
@@ -102,7 +106,8 @@ class FullExpert(ExpertSource):
             raise InputError(f"{self.path}: tensor {key!r} is not in the base {self.base.path}")
         if not self.base.dtype(key).is_floating_point:
             return None
-        return _finite(self.reader.get(key).float() - self.base.get(key).float(), self.path, key)
+        return check_finite(self.reader.get(key).float() - self.base.get(key).float(), self.path,
+                            key)
 
     def fingerprint(self) -> str:
         return self.reader.fingerprint()
@@ -111,13 +116,16 @@ class FullExpert(ExpertSource):
         return key in self.base and self.base.dtype(key).is_floating_point and bool(
             self.base.shape(key))
 
-    def task_vector_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """float32 ``expert[key][start:stop] - base[key][start:stop]``, reading only those rows.
+    def task_vector_rows(self, key: str, start: int, stop: int,
+                         base_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``expert[key][start:stop] - base[key][start:stop]``, reading only those rows
+        (the base's are ``base_rows`` when given).
 
         Not checked for finite values: a row-block admission reads every block several times and
         checks them on its first pass (``CarveMethod.admit_blocked``)."""
-        return (self.reader.get_rows(key, start, stop).float()
-                - self.base.get_rows(key, start, stop).float())
+        if base_rows is None:
+            base_rows = self.base.get_rows(key, start, stop)
+        return self.reader.get_rows(key, start, stop).float() - base_rows.float()
 
     def bank_bytes(self) -> int:
         """The expert checkpoint's tensors over the base's keys, in the expert's own dtypes."""
@@ -155,7 +163,7 @@ class LoraExpert(ExpertSource):
             tau = self.adapter.bias_delta(obj)
         else:
             tau = self.adapter.weights.get(obj).float() - self.base.get(key).float()
-        return _finite(tau, self.path, key)
+        return check_finite(tau, self.path, key)
 
     def fingerprint(self) -> str:
         return self.adapter.fingerprint()

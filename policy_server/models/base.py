@@ -85,8 +85,14 @@ class PolicyBackend(ABC):
            ) -> "PolicyBackend":
         """Move ``module`` to ``device`` and/or cast it to ``dtype`` (None keeps either) and update
         whatever the backend caches about its placement (e.g. where it puts inputs). The runtime
-        places a backend only through this. Returns self."""
+        places a backend only through this. Returns self.
+
+        Backends that place their inputs keep ``device`` / ``dtype`` attributes: they follow here."""
         self.module.to(device=device, dtype=dtype)
+        if device is not None and hasattr(self, "device"):
+            self.device = torch.device(device)
+        if dtype is not None and hasattr(self, "dtype"):
+            self.dtype = dtype
         return self
 
     def attach_state(self, snapshot) -> None:

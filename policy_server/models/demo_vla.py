@@ -388,16 +388,6 @@ class DemoVLABackend(PolicyBackend):
         with torch.no_grad():
             return self.unnormalize_action(self.forward_normalized(batch))
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-           ) -> "DemoVLABackend":
-        """Move/cast the module; inputs are then placed on ``device`` in ``dtype``."""
-        super().to(device, dtype)
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = dtype
-        return self
-
     @property
     def routing_features(self) -> RoutingFeatures:
         """Value projections ``action_expert.{blocks.i,head}.cross_attn.v_proj.weight`` in

@@ -9,13 +9,13 @@ directory is its own (the LeRobot one imports LeRobot only inside ``load``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from policy_server.errors import InputError
 from policy_server.models.base import PolicyBackend
+from policy_server.models.config_json import read_config_json
 
 _BACKENDS: dict[str, type[PolicyBackend]] = {}
 _DETECTORS: list = []
@@ -43,26 +43,11 @@ def register_detector(fn) -> None:
         _DETECTORS.append(fn)
 
 
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not path.is_dir():
-        raise InputError(f"{path}: not a model directory")
-    if not cfg.is_file():
-        raise InputError(f"{path}: no config.json (expected a Hugging Face-layout model directory)")
-    try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{cfg}: expected a JSON object")
-    return data
-
-
 def detect_backend(path: str | Path) -> type[PolicyBackend]:
     """The backend class for the model directory ``path``: by ``model_type``, else the first
     detector that claims it; InputError naming what is registered otherwise."""
     path = Path(path)
-    data = _read_config(path)
+    data = read_config_json(path)
     mt = data.get("model_type")
     if isinstance(mt, str) and mt in _BACKENDS:
         return _BACKENDS[mt]
@@ -91,7 +76,7 @@ def backend_admission_hooks(base_dir: str | Path, expert_dir: str | Path) -> lis
 
 def read_model_type(path: str | Path) -> str:
     """``model_type`` from ``path/config.json``; InputError when missing or malformed."""
-    data = _read_config(Path(path))
+    data = read_config_json(Path(path))
     mt = data.get("model_type")
     if not isinstance(mt, str):
         raise InputError(f"{Path(path) / 'config.json'}: no string 'model_type' field")

@@ -69,7 +69,9 @@ class MicroBatcher:
 
     max_batch: most requests per ``infer``; max_wait_ms: longest the oldest request of a batch
     waits for company; max_queue: pending requests beyond which ``submit`` raises ``BatcherFull``.
-    ``batch_sizes``: sizes of the most recent batches (for metrics and tests).
+    ``batch_sizes``: sizes of the most recent batches (for metrics and tests); ``metrics``: an
+    object whose ``batch(size, waits_s)`` hears of every batched forward (the server's metrics
+    recorder, set by the engine), or None.
     """
 
     def __init__(self, runtime, max_batch: int = 16, max_wait_ms: float = 2.0,
@@ -81,6 +83,7 @@ class MicroBatcher:
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.batch_sizes: deque[int] = deque(maxlen=history)
+        self.metrics = None
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._close_lock = threading.Lock()  # orders submit's closed check against close()
@@ -175,6 +178,9 @@ class MicroBatcher:
         if not live:
             return
         self.batch_sizes.append(len(live))
+        if self.metrics is not None:
+            start = time.monotonic()
+            self.metrics.batch(len(live), [start - r.t_submit for r in live])
         try:
             results = self._infer_rows(live)
         except Exception as exc:

@@ -63,5 +63,10 @@ class PolicyEngine(ABC):
         """Free-form facts for ServerInfo (backend, mode, state version, router...)."""
         return {}
 
+    def attach_metrics(self, recorder) -> None:
+        """Hand the server's metrics recorder to the engine's internals (the production engine
+        gives it to its micro-batcher for batch sizes and queue waits); called once, when the
+        engine is put in service."""
+
     def close(self) -> None:
         """Release resources; called after the server stopped."""

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from policy_server.errors import CarveError, InputError
 from policy_server.service.auth import TokenAuthInterceptor
+from policy_server.service.metrics import make_metrics
 from policy_server.service.servicer import EngineHolder, PolicyServicer
 from policy_server.service.validation import InputLimits
 from policy_server.service.wire import policy_service_handler
@@ -57,6 +58,7 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
     state_sigma: float | None = 1000.0   # state bound from the model's statistics (None: off)
     state_abs: float | None = 1e6        # state bound without statistics (None: off)
+    metrics_port: int | None = None      # Prometheus /metrics port (0: a free one; None: off)
 
     def validate(self) -> None:
         """``InputError`` naming the option for a setting the server cannot run with."""
@@ -72,6 +74,8 @@ class ServerConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InputError("--tls-cert and --tls-key must be given together (TLS needs both "
                              "a certificate and its private key)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InputError(f"--metrics-port: {self.metrics_port} (0..65535)")
         for opt, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
             if path and not Path(path).is_file():
                 raise InputError(f"{opt}: {path} is not a readable file")
@@ -102,14 +106,17 @@ class PolicyServer:
         if self._factory is None:
             self.holder.engine = engine_or_factory
         self.config.validate()
+        self.metrics = make_metrics(self.config.metrics_port is not None)
         self.servicer = PolicyServicer(self.holder, self.config.limits,
                                        self.config.episode_limit,
-                                       self.config.episode_idle_timeout_s)
+                                       self.config.episode_idle_timeout_s, self.metrics)
+        self.metrics.bind_active(lambda: self.servicer.slots.active)
         self.health = health.HealthServicer()
         self.load_error: BaseException | None = None
         self._server: grpc.Server | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None  # the bound /metrics port, once started
 
     def _options(self) -> list[tuple[str, int]]:
         c = self.config
@@ -124,7 +131,9 @@ class PolicyServer:
     def start(self, wait_loaded: bool = True) -> int:
         """Bind, start serving and load the engine. Returns the bound port."""
         c = self.config
-        interceptors = [TokenAuthInterceptor(c.auth_token)] if c.auth_token else []
+        # metrics first: it counts the statuses of the calls the token check refuses too
+        interceptors = self.metrics.interceptors() + (
+            [TokenAuthInterceptor(c.auth_token)] if c.auth_token else [])
         self._pool = futures.ThreadPoolExecutor(max_workers=c.max_workers,
                                                 thread_name_prefix="carve-rpc")
         server = grpc.server(self._pool, interceptors=interceptors, options=self._options())
@@ -145,6 +154,7 @@ class PolicyServer:
             raise InputError(f"--host/--port: could not bind {address} ({e})") from None
         if not self.port:
             raise InputError(f"--host/--port: could not bind {address} (in use?)")
+        self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
         server.start()
         self._server = server
         if self.holder.engine is not None:
@@ -172,6 +182,11 @@ class PolicyServer:
         self._mark_ready()
 
     def _mark_ready(self) -> None:
+        engine = self.holder.engine
+        self.holder.loaded_at = time.time()
+        engine.attach_metrics(self.metrics)
+        self.metrics.state_loaded(str(engine.info().get("state_version", "")),
+                                  self.holder.loaded_at)
         self.holder.ready.set()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -203,6 +218,7 @@ class PolicyServer:
                         _GRPC_GRACE_S + 1.0)
         self._server = None
         self._pool.shutdown(wait=False)  # idle workers exit; none is left blocked in a handler
+        self.metrics.close()
         if self.holder.engine is not None:
             self.holder.engine.close()
         log.info("stopped in %.2fs", time.monotonic() - t0)

@@ -21,6 +21,7 @@ from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 from policy_server import __version__
 from policy_server.errors import (BatcherClosed, BatcherFull, InputError, NonFiniteActions,
                                    StateError)
+from policy_server.service.metrics import NO_METRICS, Recorder
 from policy_server.service.streams import (EOF, IDLE, SHUTDOWN, EpisodeRefused, EpisodeSlots,
                                            Inbox, StreamGone)
 from policy_server.service.validation import InputLimits, ObservationDecoder
@@ -35,11 +36,13 @@ RESIZE_NOTE = ("camera images of another size than the spec's are resized to it 
 
 
 class EngineHolder:
-    """The engine slot: empty until loading finishes (health NOT_SERVING meanwhile)."""
+    """The engine slot: empty until loading finishes (health NOT_SERVING meanwhile).
+    ``loaded_at``: when the engine (its state version) was put in service, unix seconds."""
 
     def __init__(self):
         self.engine = None
         self.ready = threading.Event()
+        self.loaded_at = 0.0
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
@@ -47,16 +50,19 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     limits: what observations may contain (``InputLimits``); max_episodes: concurrent episode
     streams (RESOURCE_EXHAUSTED beyond); idle_timeout_s: an episode with no message for that long
-    is ended with DEADLINE_EXCEEDED (None: never)."""
+    is ended with DEADLINE_EXCEEDED (None: never); metrics: the server's ``Recorder`` (episodes,
+    route decisions, steps; ``NO_METRICS``: off)."""
 
     def __init__(self, holder: EngineHolder, limits: InputLimits | None = None,
-                 max_episodes: int = 60, idle_timeout_s: float | None = 30.0):
+                 max_episodes: int = 60, idle_timeout_s: float | None = 30.0,
+                 metrics: Recorder = NO_METRICS):
         self.holder = holder
         self.limits = limits or InputLimits()
         self.idle_timeout_s = idle_timeout_s
         self.slots = EpisodeSlots(max_episodes)
         self.started = time.time()
         self._decoder: ObservationDecoder | None = None
+        self.metrics = metrics
 
     # -- helpers ----------------------------------------------------------------------------------
     def _engine(self, context):
@@ -106,6 +112,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             return decision.skill, dproto, False
         if engine.routing.on_abstain == "core-only":
             return None, dproto, True
+        self.metrics.route(dproto, refused=True)  # no EpisodeStarted will carry this decision
         cands = ", ".join(f"{s} ({v:.2f})" for s, v in decision.candidates[:5])
         abort(context, grpc.StatusCode.FAILED_PRECONDITION,
               f"start.instruction: router abstained ({decision.reason}); candidates: "
@@ -122,7 +129,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             abort(context, code, str(e))
         inbox = Inbox(request_iterator)
         try:
-            yield from self._episode(engine, inbox, context)
+            yield from self.metrics.episode(self._episode(engine, inbox, context), context)
         finally:
             inbox.close()
             self.slots.leave()
@@ -263,5 +270,6 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             spec=spec_to_proto(engine.spec), mode=str(info.get("mode", "")),
             state_version=str(info.get("state_version", "")), num_skills=len(engine.skills()),
             uptime_s=time.time() - self.started, router=str(info.get("router", "")),
+            state_loaded_time=self.holder.loaded_at,
             extra={k: str(v) for k, v in info.items()
                    if k not in ("backend", "mode", "state_version", "router")})

@@ -17,6 +17,7 @@ import torch
 
 from policy_server.dtypes import PARAM_DTYPE, storage_dtype
 from policy_server.errors import InputError
+from policy_server.merge.blocks import BLOCK_BUDGET_BYTES, rows_per_block
 from policy_server.merge.methods.base import MergeMethod, build_options, get_method
 from policy_server.merge.plan import (
     base_record,
@@ -54,6 +55,7 @@ class MergeRequest:
     progress: bool = True
     seed: int = 0
     max_shard_bytes: int = 5 * 10**9
+    block_budget: int | None = BLOCK_BUDGET_BYTES
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,10 @@ def merge(method: str, base_dir, expert_dirs: Sequence, out_dir, **options) -> d
     in expert order or a {skill: value} dict), allow_pickle, allow_dtype_mismatch,
     dense_patterns, store_dtype / core_dtype (states only; default ``"param"``: each tensor in
     its base dtype), overwrite (checkpoints only: a state is never overwritten),
-    progress, seed, max_shard_bytes. A method implementing ``merge_tensor`` gets all N task
-    vectors of each tensor at once; a continual-only one has the experts admitted in order.
+    progress, seed, max_shard_bytes, block_budget (bytes of N experts' float32 rows merged
+    at once for a method that supports row blocks; None: whole tensors). A method implementing ``merge_tensor`` gets all N task
+    vectors of each tensor at once (by row blocks for a huge tensor, so the peak does not grow
+    with N); a continual-only one has the experts admitted in order.
 
     Returns a report: out, kind ("state"|"checkpoint"), method, experts, skills, wall_s, and for a
     state its version, storage and per-skill tensor summaries.
@@ -111,7 +115,7 @@ def merge_request(req: MergeRequest) -> dict:
     if not meth.one_shot and not meth.continual:
         raise InputError(f"method {meth.name!r} implements neither merge_tensor nor admit_tensor")
     tensors = stream_merge(meth, base, experts, names, tuple(req.dense_patterns), req.progress,
-                           core_dtype if meth.per_skill else None)
+                           core_dtype if meth.per_skill else None, req.block_budget)
     report = {"out": str(out), "method": meth.name, "experts": len(experts), "skills": names}
     if not meth.per_skill:
         _write_checkpoint(tensors, base, out, req, meth)
@@ -135,8 +139,27 @@ def _write_checkpoint(tensors, base: CheckpointReader, out: Path, req: MergeRequ
                           overwrite=req.overwrite,
                           metadata={"carve_merge_method": meth.name}) as writer:
         for t in tensors:
-            b = base.get(t.key)
-            writer.add(t.key, b if t.core is None else (b.float() + t.core).to(b.dtype))
+            if t.core is None:
+                writer.add(t.key, base.get(t.key), owned=True)
+            else:
+                writer.add(t.key, _fold_core(base, t.key, t.core, req.block_budget), owned=True)
+            t.core = None  # the float32 core is not needed once folded
+
+
+def _fold_core(base: CheckpointReader, key: str, core: torch.Tensor, budget: int | None
+               ) -> torch.Tensor:
+    """``(base[key].float() + core).to(base dtype)``, by row blocks of about ``budget`` float32
+    bytes for a huge tensor (elementwise, so bit-identical), so no float32 copy of the base
+    tensor and of the sum exists beside the core."""
+    shape, dtype = base.shape(key), base.dtype(key)
+    rows = rows_per_block(shape, 1, budget) if budget is not None and shape else None
+    if rows is None or rows >= shape[0]:
+        return (base.get(key).float() + core).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    for a in range(0, shape[0], rows):
+        b = min(a + rows, shape[0])
+        out[a:b] = (base.get_rows(key, a, b).float() + core[a:b]).to(dtype)
+    return out
 
 
 def _write_state(tensors: Iterable[MergedTensor], base: CheckpointReader, out: Path,

@@ -345,6 +345,12 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or name in (SAFE_INDEX, PICKLE_INDEX)
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    """True when ``t`` is its storage's only view from offset 0 (safe to save without a copy)."""
+    return (t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
 class CheckpointWriter:
     """Stream tensors into a new Hugging Face-layout checkpoint directory, atomically.
 
@@ -379,15 +385,20 @@ class CheckpointWriter:
         self._total = 0
         self._done = False
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (any dtype, copied to a contiguous CPU tensor)."""
+    def add(self, key: str, tensor: torch.Tensor, owned: bool = False) -> None:
+        """Queue one tensor (any dtype, copied to a contiguous CPU tensor). ``owned``: the
+        caller hands the tensor over (it never touches it again), so a contiguous CPU tensor
+        that owns its whole storage is queued without a copy (a merge of a 0.27 GB embedding
+        then does not hold it twice)."""
         if self._done:
             raise RuntimeError("CheckpointWriter already closed")
         if key in self._seen:
             raise InputError(f"tensor {key!r} written twice to {self.out_dir}")
         self._seen.add(key)
         # safetensors refuses views sharing storage; a contiguous clone is the safe form
-        t = tensor.detach().to("cpu").contiguous().clone()
+        t = tensor.detach().to("cpu").contiguous()
+        if not (owned and _owns_storage(t)):
+            t = t.clone()
         nbytes = t.numel() * t.element_size()
         if self._buf and self._buf_bytes + nbytes > self.max_shard_bytes:
             self._flush()

@@ -16,7 +16,9 @@ from policy_server.merge.methods.base import (  # noqa: F401
 import importlib as _importlib
 
 for _mod in ("carve", "bank", "task_arithmetic", "ties", "dare", "tall_mask", "tsv",
-             "resmerge", "magmax", "opcm"):
+             "resmerge", "magmax", "opcm",
+             "iso_c",
+             "iso_cts"):
     try:
         _importlib.import_module(f"policy_server.merge.methods.{_mod}")
     except ModuleNotFoundError as _e:  # a method module not written yet

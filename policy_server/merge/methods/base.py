@@ -108,6 +108,10 @@ class MergeMethod:
     #: the stream then calls ``observe_tensor`` on every tensor before the merge pass. An
     #: instance may narrow it from its options.
     needs_observe_pass: ClassVar[bool] = False
+    #: True when ``merge_tensor``'s core is elementwise across experts (each coordinate depends
+    #: only on the N task vectors at that coordinate, no per-tensor statistic) and it returns no
+    #: per-skill entries: a row block then merges on its own, bit-identically (TA, MagMax).
+    elementwise: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -150,6 +154,36 @@ class MergeMethod:
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
         """Merge N task vectors (float32, shape ctx.shape) of one tensor."""
         raise NotImplementedError(f"method {self.name!r} is continual-only")
+
+    def supports_merge_blocks(self, ctx: TensorContext) -> bool:
+        """True when :meth:`merge_blocked` merges ``ctx``'s tensor from row blocks of all N
+        experts (``merge/blocks.py``), bit-identically to :meth:`merge_tensor`, so a huge tensor
+        is merged within a working set independent of N. A method with ``needs_observe_pass``
+        that says True implements :meth:`observe_blocked` too. Default: :attr:`elementwise`."""
+        return self.elementwise
+
+    def merge_blocked(self, ctx: TensorContext, blocks) -> MergeResult:
+        """Merge the tensor seen as ``blocks`` (a ``merge.blocks.RowBlocks``: iterate it for
+        ``(a, b, taus)``, as many passes as needed); only called when
+        :meth:`supports_merge_blocks`. The core is float32 ``ctx.shape``. Default, for an
+        :attr:`elementwise` method: :meth:`merge_tensor` on each block, its info the last
+        block's."""
+        if not self.elementwise:
+            raise NotImplementedError(f"method {self.name!r} has no row-block merge")
+        core = torch.empty(ctx.shape, dtype=torch.float32)
+        info: dict[str, Any] = {}
+        for a, b, taus in blocks:
+            res = self.merge_tensor(dataclasses.replace(ctx, shape=tuple(taus[0].shape)), taus)
+            if any(e is not None for e in res.entries):
+                raise StateError(f"method {self.name!r} is declared elementwise but returned "
+                                 f"per-skill entries at {ctx.name!r}")
+            core[a:b] = res.core
+            info = res.info
+        return MergeResult(core=core, entries=[None] * blocks.n, info=info)
+
+    def observe_blocked(self, ctx: TensorContext, blocks) -> None:
+        """The observe pass of one tensor read as ``blocks`` (see :meth:`merge_blocked`)."""
+        raise NotImplementedError(f"method {self.name!r} has no row-block observe pass")
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)

@@ -52,6 +52,7 @@ class MagMax(MergeMethod):
     options_cls = MagMaxOptions
     continual = True
     per_skill = False
+    elementwise = True  # huge tensors are merged by row blocks (merge/blocks.py)
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
         """taus: N float32 tensors, shape ctx.shape -> core (float32 ctx.shape), N None entries."""

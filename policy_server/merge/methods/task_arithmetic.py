@@ -49,6 +49,7 @@ class TaskArithmetic(MergeMethod):
     options_cls = TaskArithmeticOptions
     continual = True
     per_skill = False
+    elementwise = True  # huge tensors are merged by row blocks (merge/blocks.py)
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
         """taus: N float32 tensors of shape ctx.shape -> core float32 ctx.shape, N None entries."""

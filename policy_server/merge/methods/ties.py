@@ -20,11 +20,13 @@ bin indices computed the same way in both passes (no float edge disagreement).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from policy_server.errors import StateError
+from policy_server.merge.blocks import kth_smallest_abs
 from policy_server.merge.methods.base import (
     MergeMethod,
     MergeResult,
@@ -50,19 +52,33 @@ N_BINS = int((LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE)
 # building blocks, shared with DARE-TIES
 
 
+def topk_rank(n: int, density: float) -> int | None:
+    """The rank (1-based, ascending) of the top-k threshold among ``n`` magnitudes, k =
+    ``int(density * n)`` (at least one when density > 0): the k-th largest = the (n-k+1)-th
+    smallest. None when no threshold applies (density >= 1: all nonzero kept) and 0 when
+    nothing is kept."""
+    if density >= 1.0:
+        return None
+    k = max(1, int(density * n)) if density > 0 else 0
+    return 0 if k == 0 or n == 0 else n - k + 1
+
+
+def magnitude_mask(tau: torch.Tensor, thr: torch.Tensor | None) -> torch.Tensor:
+    """Bool mask keeping ``|tau| >= thr`` (None: every entry); zeros are never kept."""
+    if thr is None:
+        return tau != 0
+    return (tau.abs() >= thr) & (tau != 0)
+
+
 def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Bool mask (tau's shape) keeping the ``int(density * numel)`` largest |tau| (at least one
     when density > 0); entries tied with the k-th largest are kept too; zeros are never kept."""
-    n = tau.numel()
-    if density >= 1.0:
-        return tau != 0
-    k = max(1, int(density * n)) if density > 0 else 0
-    if k == 0 or n == 0:
+    rank = topk_rank(tau.numel(), density)
+    if rank == 0:
         return torch.zeros_like(tau, dtype=torch.bool)
-    mag = tau.abs().reshape(-1)
-    # the k-th largest = the (n-k+1)-th smallest; kthvalue is a selection, not a sort
-    thr = torch.kthvalue(mag, n - k + 1).values
-    return (tau.abs() >= thr) & (tau != 0)
+    # kthvalue is a selection, not a sort
+    thr = None if rank is None else torch.kthvalue(tau.abs().reshape(-1), rank).values
+    return magnitude_mask(tau, thr)
 
 
 def log2_bins(tau: torch.Tensor) -> torch.Tensor:
@@ -154,20 +170,43 @@ class Ties(MergeMethod):
         if self.options.trim_scope != "global":
             return
         taus = check_taus(self.name, ctx, taus)
+        self._observe_add(ctx, self._task_hist(taus), taus[0].numel())
+
+    def observe_blocked(self, ctx: TensorContext, blocks) -> None:
+        """:meth:`observe_tensor` from row blocks: the histograms add up block by block. A
+        tensor no expert changed is not counted (as the stream skips it on the whole path)."""
+        if self.options.trim_scope != "global":
+            return
+        hist = torch.zeros(blocks.n, N_BINS, dtype=torch.int64)
+        for _a, _b, taus in blocks:
+            hist += self._task_hist(taus)
+        if blocks.any_nonzero:
+            self._observe_add(ctx, hist, math.prod(ctx.shape))
+
+    @staticmethod
+    def _task_hist(taus: list[torch.Tensor]) -> torch.Tensor:
+        """(N, N_BINS) counts of the nonzero |tau_i| per log2 bin."""
+        hist = torch.zeros(len(taus), N_BINS, dtype=torch.int64)
+        for i, tau in enumerate(taus):
+            b = log2_bins(tau).reshape(-1)
+            hist[i] = torch.bincount(b[b >= 0], minlength=N_BINS)
+        return hist
+
+    def _observe_add(self, ctx: TensorContext, hist: torch.Tensor, numel: int) -> None:
+        """Count one observed tensor (``hist``: its (N, N_BINS) histogram, ``numel``: entries
+        per task, zeros included) into the run's totals."""
         if self._thr_bins is not None:  # a new merge run with the same instance: start over
             self._hist, self._numel, self._thr_bins, self._observed = None, 0, None, set()
         if ctx.name in self._observed:
             raise StateError(f"ties: tensor {ctx.name!r} observed twice in one pass")
         self._observed.add(ctx.name)
         if self._hist is None:
-            self._hist = torch.zeros(len(taus), N_BINS, dtype=torch.int64)
-        elif self._hist.shape[0] != len(taus):
-            raise StateError(f"ties: tensor {ctx.name!r} has {len(taus)} task vectors, earlier "
-                             f"tensors had {self._hist.shape[0]}")
-        for i, tau in enumerate(taus):
-            b = log2_bins(tau).reshape(-1)
-            self._hist[i] += torch.bincount(b[b >= 0], minlength=N_BINS)
-        self._numel += taus[0].numel()
+            self._hist = torch.zeros(hist.shape[0], N_BINS, dtype=torch.int64)
+        elif self._hist.shape[0] != hist.shape[0]:
+            raise StateError(f"ties: tensor {ctx.name!r} has {hist.shape[0]} task vectors, "
+                             f"earlier tensors had {self._hist.shape[0]}")
+        self._hist += hist
+        self._numel += numel
 
     def _global_thresholds(self) -> torch.Tensor:
         """(N,) first kept bin per task: the bin holding each task's k-th largest |tau|."""
@@ -185,25 +224,67 @@ class Ties(MergeMethod):
         return self._thr_bins
 
     # merge -------------------------------------------------------------------------------------
+    def _trim_thresholds(self, ctx: TensorContext, n: int) -> torch.Tensor:
+        """(N,) first kept log2 bin per task (global trim), checked against this tensor."""
+        thr = self._global_thresholds()
+        if ctx.name not in self._observed:
+            raise StateError(f"ties: tensor {ctx.name!r} was not in the observe pass, so the "
+                             f"global threshold does not account for it")
+        if thr.shape[0] != n:
+            raise StateError(f"ties: tensor {ctx.name!r} has {n} task vectors, the "
+                             f"observe pass saw {thr.shape[0]}")
+        return thr
+
     def trim(self, ctx: TensorContext, taus: list[torch.Tensor]) -> torch.Tensor:
         """(N, *ctx.shape) float32 trimmed task vectors."""
         if self.options.trim_scope == "global":
-            thr = self._global_thresholds()
-            if ctx.name not in self._observed:
-                raise StateError(f"ties: tensor {ctx.name!r} was not in the observe pass, so the "
-                                 f"global threshold does not account for it")
-            if thr.shape[0] != len(taus):
-                raise StateError(f"ties: tensor {ctx.name!r} has {len(taus)} task vectors, the "
-                                 f"observe pass saw {thr.shape[0]}")
+            thr = self._trim_thresholds(ctx, len(taus))
             return torch.stack([t * (log2_bins(t) >= thr[i]) for i, t in enumerate(taus)])
         return torch.stack([t * topk_mask(t, self.options.density) for t in taus])
+
+    def _combine(self, trimmed: torch.Tensor) -> torch.Tensor:
+        """Elect and disjoint-merge (N, ...) trimmed values, scaled by lam: elementwise, so a
+        row block of the result equals the same rows of the whole tensor's."""
+        sign = elect_sign(trimmed, self.options.consensus)
+        return disjoint_merge(trimmed, sign, self.options.merge_func) * self.options.lam
 
     def merge_tensor(self, ctx: TensorContext, taus: list[torch.Tensor]) -> MergeResult:
         """taus: N float32 tensors, shape ctx.shape -> core (float32 ctx.shape), N None entries."""
         taus = check_taus(self.name, ctx, taus)
         trimmed = self.trim(ctx, taus)
-        sign = elect_sign(trimmed, self.options.consensus)
-        merged = disjoint_merge(trimmed, sign, self.options.merge_func)
         kept = float((trimmed != 0).float().mean()) if trimmed.numel() else 0.0
-        return MergeResult(core=merged * self.options.lam, entries=[None] * len(taus),
+        return MergeResult(core=self._combine(trimmed), entries=[None] * len(taus),
                            info={"kind": "ties", "kept_fraction": kept})
+
+    def supports_merge_blocks(self, ctx: TensorContext) -> bool:
+        """Always: given the per-tensor top-k threshold (found exactly in two passes over the
+        blocks) or the global bins, trim, election and disjoint merge are elementwise."""
+        return True
+
+    def _block_masks(self, ctx: TensorContext, blocks):
+        """A function ``(i, tau_rows) -> bool mask`` that trims expert i's rows exactly as
+        :meth:`trim` trims the whole tensor."""
+        if self.options.trim_scope == "global":
+            thr = self._trim_thresholds(ctx, blocks.n)
+            return lambda i, t: log2_bins(t) >= thr[i]
+        rank = topk_rank(math.prod(ctx.shape), self.options.density)
+        if rank == 0:
+            return lambda i, t: torch.zeros_like(t, dtype=torch.bool)
+        thrs = (kth_smallest_abs(blocks, [rank] * blocks.n) if rank is not None
+                else [None] * blocks.n)
+        return lambda i, t: magnitude_mask(t, thrs[i])
+
+    def merge_blocked(self, ctx: TensorContext, blocks) -> MergeResult:
+        """:meth:`merge_tensor` one row block of all N experts at a time (``merge/blocks.py``);
+        ``kept_fraction`` is counted exactly (an integer count, not a float32 mean)."""
+        mask = self._block_masks(ctx, blocks)
+        core = torch.empty(ctx.shape, dtype=torch.float32)
+        kept = 0
+        for a, b, taus in blocks:
+            trimmed = torch.stack([t * mask(i, t) for i, t in enumerate(taus)])
+            kept += int((trimmed != 0).sum())
+            core[a:b] = self._combine(trimmed)
+            del trimmed
+        total = blocks.n * math.prod(ctx.shape)
+        return MergeResult(core=core, entries=[None] * blocks.n,
+                           info={"kind": "ties", "kept_fraction": kept / total if total else 0.0})

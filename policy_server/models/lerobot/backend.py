@@ -349,15 +349,5 @@ class LeRobotBackend(PolicyBackend):
         out = [self._pipeline(skills[i])[1](normalised[i:i + 1]) for i in range(n)]
         return torch.cat([torch.as_tensor(o, dtype=torch.float32) for o in out])
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-           ) -> "LeRobotBackend":
-        """Move/cast the policy; batches are then placed on ``device`` in ``dtype``."""
-        super().to(device, dtype)
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = dtype
-        return self
-
 
 __all__ = ["LeRobotBackend", "import_lerobot", "wire_camera_key"]

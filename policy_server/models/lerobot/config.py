@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from policy_server.errors import InputError
+from policy_server.models.config_json import read_config_json
 
 #: policy types this backend serves; pi0 / pi05 / pi0_fast need LeRobot's unreleased transformers
 #: fork (docs/BACKENDS.md), so they are refused with that reason instead of failing deep inside.
@@ -51,16 +52,7 @@ _NON_ARCH_PREFIXES = ("optimizer_", "scheduler_")
 
 def read_config(path: str | Path) -> dict:
     """``path/config.json`` as a dict; InputError when missing or not JSON."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise InputError(f"{path}: no config.json (not a LeRobot policy directory)")
-    try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{cfg}: expected a JSON object")
-    return data
+    return read_config_json(path, "a LeRobot policy directory")
 
 
 def looks_like_lerobot(config: dict) -> bool:

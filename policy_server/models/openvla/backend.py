@@ -292,10 +292,3 @@ class OpenVLABackend(PolicyBackend):
 
         return [OpenVLAStatsHook(base_dir, expert_dir)]
 
-    def to(self, device=None, dtype=None) -> "OpenVLABackend":
-        super().to(device, dtype)
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = dtype
-        return self

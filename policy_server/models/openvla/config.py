@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy_server.errors import InputError
+from policy_server.models.config_json import read_config_json
 
 MODEL_TYPES = ("openvla", "prismatic")
 
@@ -219,15 +220,5 @@ def parse_config(d: dict, source: str = "config.json") -> OpenVLAConfig:
 
 def read_config(path: str | Path) -> OpenVLAConfig:
     """``path/config.json`` -> ``OpenVLAConfig``."""
-    import json
-
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise InputError(f"{path}: no config.json")
-    try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{cfg}: not a JSON object")
-    return parse_config(data, str(cfg))
+    return parse_config(read_config_json(path, "an OpenVLA checkpoint directory"),
+                        str(Path(path) / "config.json"))

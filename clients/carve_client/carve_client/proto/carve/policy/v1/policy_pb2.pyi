@@ -237,7 +237,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("server_version", "backend", "spec", "mode", "state_version", "num_skills", "uptime_s", "router", "extra")
+    __slots__ = ("server_version", "backend", "spec", "mode", "state_version", "num_skills", "uptime_s", "router", "extra", "state_loaded_time")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class ServerInfoResponse(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ROUTER_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    STATE_LOADED_TIME_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     backend: str
     spec: ActionSpec
@@ -263,4 +264,5 @@ class ServerInfoResponse(_message.Message):
     uptime_s: float
     router: str
     extra: _containers.ScalarMap[str, str]
-    def __init__(self, server_version: _Optional[str] = ..., backend: _Optional[str] = ..., spec: _Optional[_Union[ActionSpec, _Mapping]] = ..., mode: _Optional[str] = ..., state_version: _Optional[str] = ..., num_skills: _Optional[int] = ..., uptime_s: _Optional[float] = ..., router: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    state_loaded_time: float
+    def __init__(self, server_version: _Optional[str] = ..., backend: _Optional[str] = ..., spec: _Optional[_Union[ActionSpec, _Mapping]] = ..., mode: _Optional[str] = ..., state_version: _Optional[str] = ..., num_skills: _Optional[int] = ..., uptime_s: _Optional[float] = ..., router: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., state_loaded_time: _Optional[float] = ...) -> None: ...

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policy_server.errors import InputError
+from policy_server.errors import InputError, StateError
 from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
 from policy_server.service.engine_api import PolicyEngine, RoutingPolicy
 
@@ -175,3 +175,50 @@ def build_engine(cfg: EngineConfig) -> RuntimeEngine:
     snapshot = open_state(cfg)
     backend = load_backend(cfg.base_dir, **cfg.backend_options)
     return assemble_engine(backend, snapshot, cfg)
+
+
+class UnknownVersion(StateError):
+    """A reload named a version the merge state does not hold (gRPC NOT_FOUND)."""
+
+
+class StateSource:
+    """The versions of ``cfg.state_dir`` a running server can switch to (``carve serve
+    --follow`` and the admin ``Reload`` RPC): what ``CURRENT`` names now, and a whole new engine
+    for any committed version, built through this composition root exactly as at startup."""
+
+    def __init__(self, cfg: EngineConfig):
+        if not cfg.state_dir:
+            raise InputError("--follow / Reload need a merge state (--state)")
+        self.cfg = cfg
+
+    @property
+    def store(self):
+        from policy_server.state.store import StateStore
+
+        return StateStore(self.cfg.state_dir)
+
+    def current(self) -> str:
+        """The version ``CURRENT`` names; ``StateError`` when the state directory vanished or
+        holds no ``CURRENT`` (nothing to switch to: the caller keeps what it serves)."""
+        version = self.store.current_version()
+        if version is None:
+            raise StateError(f"merge state {self.cfg.state_dir}: no CURRENT file (the state "
+                             "directory vanished or is not a merge state)")
+        return version
+
+    def check(self, version: str) -> None:
+        """``UnknownVersion`` (naming the versions there are) unless ``version`` is committed."""
+        from policy_server.state.store import check_version_id
+
+        check_version_id(version)  # InputError for "../x" before touching the file system
+        known = [v["id"] for v in self.store.versions()]
+        if version not in known:
+            raise UnknownVersion(f"merge state {self.cfg.state_dir}: no version {version!r} "
+                                 f"(versions: {', '.join(known) or 'none'})")
+
+    def build(self, version: str) -> RuntimeEngine:
+        """A new engine serving ``version``, its files always verified against their sha256
+        (a reload must never switch to a half-written or corrupted version)."""
+        from dataclasses import replace
+
+        return build_engine(replace(self.cfg, state_version=version, verify=True))

@@ -19,8 +19,10 @@ SKILLS = {
 
 
 def make_stack(root: Path, cameras: dict | None = None, skills: dict | None = None,
-               rank: int = 8, seed: int = 0, hooks_for=None) -> dict:
-    """-> {"base", "state", "experts": {skill: dir}, "skills": {skill: instructions}}."""
+               rank: int = 8, seed: int = 0, hooks_for=None, admitted: int | None = None) -> dict:
+    """-> {"base", "state", "experts": {skill: dir}, "skills": {skill: instructions}}.
+    admitted: admit only the first that many skills (the others' experts are left for the test
+    to admit; default: all)."""
     skills = skills or SKILLS
     cfg = DemoVLAConfig(cameras=cameras or {}, chunk_length=4, hidden_dim=64, mlp_dim=128,
                         num_heads=4, vocab_size=512, text_dim=32)
@@ -42,7 +44,7 @@ def make_stack(root: Path, cameras: dict | None = None, skills: dict | None = No
                     p.add_(torch.randn(p.shape, generator=g) * 0.02)
         experts[name] = expert.save_pretrained(root / f"expert-{name}")
     state = root / "state"
-    for name, instr in skills.items():
+    for name, instr in list(skills.items())[:admitted]:
         admit(state, base_dir, experts[name], name, instructions=instr, method="carve",
               options={"rank": rank}, progress=False,
               hooks=hooks_for(name, instr) if hooks_for else ())

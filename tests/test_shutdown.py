@@ -84,7 +84,7 @@ def test_drain_serves_running_episode_then_ends_it_with_unavailable(stack):
         def new_episodes():  # robots arriving during the drain, until the server is gone
             # the library's retries: a call in flight at the instant grpc's core stops is
             # cancelled by the core (about one refusal in 400); opening retries that
-            c = PolicyClient(srv.target, retries=1, backoff_s=0.01, timeout=5)
+            c = PolicyClient(srv.target, retries=3, backoff_s=0.01, timeout=5)
             while not stop_refusing.is_set():
                 try:
                     c.episode("", skill="drawer").close()

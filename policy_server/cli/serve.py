@@ -17,6 +17,23 @@ def default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+def _add_live_options(p) -> None:
+    """The options of live version following (docs/OPERATIONS.md)."""
+    live = p.add_argument_group("live version following")
+    live.add_argument("--follow", action="store_true",
+                      help="follow the state live: poll its CURRENT and, when an admission or a "
+                           "rollback commits another version, load it beside the served one "
+                           "(verified), then switch new episodes to it; running episodes finish "
+                           "on the version they started on. A version that fails to verify or "
+                           "load is not served (logged, counted, shown by ServerInfo)")
+    live.add_argument("--follow-interval", type=float, default=2.0, metavar="S",
+                      help="with --follow: seconds between two looks at CURRENT")
+    live.add_argument("--admin-token-file",
+                      help="file holding the admin token of the Reload RPC (switch the served "
+                           "version on demand); without it Reload is refused with "
+                           "PERMISSION_DENIED")
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a merge state over gRPC",
                        description="Serve base + merge state to robots over gRPC "
@@ -67,6 +84,7 @@ def register(sub) -> None:
     lim.add_argument("--max-state-abs", type=float, default=1e6,
                      help="refuse |state element| above this where the model has no state "
                           "statistics; 0 = off")
+    _add_live_options(p)
     rt = p.add_argument_group("runtime")
     rt.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
     rt.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
@@ -118,7 +136,7 @@ def engine_config_from_args(args):
                         backend_options={"vlm_dir": args.vlm_dir} if args.vlm_dir else {})
 
 
-def server_config_from_args(args, token):
+def server_config_from_args(args, token, admin_token=None):
     """The ``ServerConfig`` of the network and limit options (validated: ``InputError``)."""
     from policy_server.service.server import ServerConfig
 
@@ -127,7 +145,8 @@ def server_config_from_args(args, token):
         auth_token=token, max_message_mb=args.max_message_mb, max_workers=args.max_workers,
         max_episodes=args.max_episodes, episode_idle_timeout_s=args.episode_idle_timeout,
         max_image_pixels=args.max_image_pixels, state_sigma=args.max_state_sigma or None,
-        state_abs=args.max_state_abs or None, metrics_port=args.metrics_port)
+        state_abs=args.max_state_abs or None, metrics_port=args.metrics_port,
+        admin_token=admin_token, follow_interval_s=args.follow_interval if args.follow else None)
     cfg.validate()
     return cfg
 
@@ -154,21 +173,25 @@ def run_serve(args) -> int:
     from policy_server.errors import InputError
     from policy_server.service.auth import read_token_file
     from policy_server.service.server import PolicyServer
-    from policy_server.serving import build_engine
+    from policy_server.serving import StateSource, build_engine
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.grace < 0:
         raise InputError(f"--grace: {args.grace} (>= 0)")
     token = read_token_file(args.auth_token_file) if args.auth_token_file else None
-    scfg = server_config_from_args(args, token)  # bad network options fail before loading
+    admin = read_token_file(args.admin_token_file) if args.admin_token_file else None
+    scfg = server_config_from_args(args, token, admin)  # bad options fail before loading
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads: {args.threads} (>= 1)")
     import torch
 
     torch.set_num_threads(args.threads or default_threads())
     cfg = engine_config_from_args(args)
-    server = PolicyServer(lambda: build_engine(cfg), scfg)
+    if args.follow and not cfg.state_dir:
+        raise InputError("--follow: needs a merge state to follow (--state or --demo)")
+    source = StateSource(cfg) if cfg.state_dir else None
+    server = PolicyServer(lambda: build_engine(cfg), scfg, source=source)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -178,6 +201,7 @@ def run_serve(args) -> int:
           f"({'TLS' if args.tls_cert else 'plaintext'}{', token auth' if token else ''}); "
           f"{len(eng.skills())} skill(s), state {eng.info().get('state_version') or '-'}, "
           f"mode {eng.info().get('mode')}, router {eng.info().get('router')}"
+          f"{', following the state' if args.follow else ''}"
           f"{_metrics_note(args.host, server.metrics_port)}", flush=True)
     stop.wait()
     print(f"carve serve: shutting down (finishing running episodes, up to {args.grace:g}s)",

@@ -1,7 +1,9 @@
 """Bearer-token authentication as a gRPC server interceptor.
 
 Health checks and reflection stay open so orchestrators (Kubernetes probes, grpcurl) work without
-the token; every PolicyService call needs ``authorization: Bearer <token>``.
+the token; every PolicyService call needs ``authorization: Bearer <token>``, except the admin
+``Reload``, which needs the separate admin token in the same header (checked by
+``check_admin_token`` in the servicer, so a robot's token never switches versions).
 """
 
 from __future__ import annotations
@@ -16,6 +18,21 @@ from carve_client.auth import read_token_file as _read_token_file
 from policy_server.errors import InputError
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+ADMIN_METHODS = ("/carve.policy.v1.PolicyService/Reload",)  # authenticated by the admin token
+
+
+def check_admin_token(context, expected: str | None) -> None:
+    """Aborts an admin call: PERMISSION_DENIED when the server has no admin token (admin calls
+    are off), UNAUTHENTICATED without ``authorization: Bearer <admin token>`` or with a wrong one
+    (constant-time compare)."""
+    if not expected:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                      "admin calls are disabled: the server was started without "
+                      "--admin-token-file")
+    got = dict(context.invocation_metadata() or ()).get("authorization", "")
+    if not hmac.compare_digest(got.encode(), f"Bearer {expected}".encode()):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      "missing or invalid 'authorization: Bearer <admin token>' metadata")
 
 
 def read_token_file(path: str | Path) -> str:
@@ -42,7 +59,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(OPEN_PREFIXES):
+        if method.startswith(OPEN_PREFIXES) or method in ADMIN_METHODS:
             return continuation(handler_call_details)
         got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(got.encode(), self._expected):

@@ -63,6 +63,9 @@ class Recorder:
     def state_loaded(self, version: str, loaded_at: float) -> None:
         """The served state version and when it was loaded (unix seconds)."""
 
+    def reload(self, result: str) -> None:
+        """A reload while serving: ``"ok"`` (switched) or ``"failed"`` (old version kept)."""
+
     def bind_active(self, count) -> None:
         """``count()``: the number of episode streams running now (read at each scrape)."""
 
@@ -166,6 +169,9 @@ class ServerMetrics(Recorder):
     def state_loaded(self, version: str, loaded_at: float) -> None:
         self.state.info({"version": version or ""})
         self.state_loaded_at.set(loaded_at)
+
+    def reload(self, result: str) -> None:
+        self.reloads.labels(result).inc()
 
     def bind_active(self, count) -> None:
         self.active.set_function(count)

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from policy_server.errors import CarveError, InputError
 from policy_server.service.auth import TokenAuthInterceptor
 from policy_server.service.metrics import make_metrics
+from policy_server.service.reload import Follower, Reloader
 from policy_server.service.servicer import EngineHolder, PolicyServicer
 from policy_server.service.validation import InputLimits
 from policy_server.service.wire import policy_service_handler
@@ -59,6 +60,8 @@ class ServerConfig:
     state_sigma: float | None = 1000.0   # state bound from the model's statistics (None: off)
     state_abs: float | None = 1e6        # state bound without statistics (None: off)
     metrics_port: int | None = None      # Prometheus /metrics port (0: a free one; None: off)
+    admin_token: str | None = None       # the admin Reload RPC's token (None: Reload refused)
+    follow_interval_s: float | None = None  # poll the state's CURRENT this often (None: off)
 
     def validate(self) -> None:
         """``InputError`` naming the option for a setting the server cannot run with."""
@@ -74,6 +77,8 @@ class ServerConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InputError("--tls-cert and --tls-key must be given together (TLS needs both "
                              "a certificate and its private key)")
+        if self.follow_interval_s is not None and self.follow_interval_s <= 0:
+            raise InputError(f"--follow-interval: {self.follow_interval_s} (> 0)")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InputError(f"--metrics-port: {self.metrics_port} (0..65535)")
         for opt, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
@@ -96,9 +101,11 @@ class ServerConfig:
 
 class PolicyServer:
     """Owns the grpc server. ``engine`` is a PolicyEngine or a zero-argument factory that builds
-    one (loaded in the background so health reports NOT_SERVING until it is ready)."""
+    one (loaded in the background so health reports NOT_SERVING until it is ready). source: the
+    ``serving.StateSource`` of the served state, enabling the admin ``Reload`` RPC and (with
+    ``config.follow_interval_s``) following its ``CURRENT``; None: the version is fixed."""
 
-    def __init__(self, engine_or_factory, config: ServerConfig | None = None):
+    def __init__(self, engine_or_factory, config: ServerConfig | None = None, source=None):
         self.config = config or ServerConfig()
         self._factory: Callable | None = engine_or_factory if callable(engine_or_factory) \
             and not hasattr(engine_or_factory, "infer") else None
@@ -111,6 +118,10 @@ class PolicyServer:
                                        self.config.episode_limit,
                                        self.config.episode_idle_timeout_s, self.metrics)
         self.metrics.bind_active(lambda: self.servicer.slots.active)
+        self.servicer.admin_token = self.config.admin_token
+        self.reloader = Reloader(self.holder, source, self.metrics) if source else None
+        self.servicer.reloader = self.reloader
+        self.follower: Follower | None = None
         self.health = health.HealthServicer()
         self.load_error: BaseException | None = None
         self._server: grpc.Server | None = None
@@ -189,6 +200,9 @@ class PolicyServer:
                                   self.holder.loaded_at)
         self.holder.ready.set()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.reloader is not None and self.config.follow_interval_s is not None:
+            self.follower = Follower(self.reloader, self.config.follow_interval_s)
+            self.follower.start()
 
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -204,6 +218,8 @@ class PolicyServer:
             return
         t0 = time.monotonic()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.follower is not None:
+            self.follower.stop()
         slots = self.servicer.slots
         slots.drain()
         if not slots.wait_idle(grace):
@@ -219,8 +235,7 @@ class PolicyServer:
         self._server = None
         self._pool.shutdown(wait=False)  # idle workers exit; none is left blocked in a handler
         self.metrics.close()
-        if self.holder.engine is not None:
-            self.holder.engine.close()
+        self.holder.close()
         log.info("stopped in %.2fs", time.monotonic() - t0)
 
     def wait(self) -> None:

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -21,10 +22,12 @@ from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 from policy_server import __version__
 from policy_server.errors import (BatcherClosed, BatcherFull, InputError, NonFiniteActions,
                                    StateError)
+from policy_server.service.auth import check_admin_token
 from policy_server.service.metrics import NO_METRICS, Recorder
 from policy_server.service.streams import (EOF, IDLE, SHUTDOWN, EpisodeRefused, EpisodeSlots,
                                            Inbox, StreamGone)
 from policy_server.service.validation import InputLimits, ObservationDecoder
+from policy_server.serving import UnknownVersion
 from policy_server.service.wire import Undecodable, abort
 
 log = logging.getLogger("carve.service")
@@ -37,12 +40,61 @@ RESIZE_NOTE = ("camera images of another size than the spec's are resized to it 
 
 class EngineHolder:
     """The engine slot: empty until loading finishes (health NOT_SERVING meanwhile).
-    ``loaded_at``: when the engine (its state version) was put in service, unix seconds."""
+    ``engine``: the one new episodes get; ``loaded_at``: when it was put in service, unix seconds.
+
+    Calls pin the engine they use (``pinned``), so ``swap`` can put a new one in service while
+    running episodes finish on theirs: a replaced engine is closed when its last pin goes."""
 
     def __init__(self):
         self.engine = None
         self.ready = threading.Event()
         self.loaded_at = 0.0
+        self._lock = threading.Lock()
+        self._pins: dict[int, int] = {}      # id(engine) -> calls running on it
+        self._retired: dict[int, object] = {}  # replaced engines still pinned
+        self._closed = False
+
+    @contextmanager
+    def pinned(self):
+        """The engine in service now, kept open until the ``with`` block ends."""
+        with self._lock:
+            engine = self.engine
+            self._pins[id(engine)] = self._pins.get(id(engine), 0) + 1
+        try:
+            yield engine
+        finally:
+            with self._lock:
+                left = self._pins[id(engine)] = self._pins[id(engine)] - 1
+                done = self._retired.pop(id(engine), None) if left == 0 else None
+                if left == 0:
+                    del self._pins[id(engine)]
+            if done is not None:
+                done.close()
+
+    def swap(self, engine) -> None:
+        """Put ``engine`` in service for new calls; the replaced one is closed now if nothing
+        pins it, else when its last pin is released."""
+        with self._lock:
+            if self._closed:  # a reload that finished after the server stopped
+                old = engine
+            else:
+                old, self.engine = self.engine, engine
+                self.loaded_at = time.time()
+            if old is not None and self._pins.get(id(old)):
+                self._retired[id(old)], old = old, None
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        """Close every engine held (the server has stopped); a later ``swap`` closes its
+        engine at once."""
+        with self._lock:
+            self._closed = True
+            engines = [self.engine, *self._retired.values()]
+            self._retired.clear()
+        for engine in engines:
+            if engine is not None:
+                engine.close()
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
@@ -63,12 +115,17 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.started = time.time()
         self._decoder: ObservationDecoder | None = None
         self.metrics = metrics
+        self.reloader = None      # a reload.Reloader when the server serves a merge state
+        self.admin_token = None   # the Reload RPC's token (None: Reload is refused)
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _engine(self, context):
+    @contextmanager
+    def _pinned(self, context):
+        """The engine in service, pinned for the call (a reload meanwhile does not close it)."""
         if not self.holder.ready.is_set():
             abort(context, grpc.StatusCode.UNAVAILABLE, "policy is still loading; retry shortly")
-        return self.holder.engine
+        with self.holder.pinned() as engine:
+            yield engine
 
     def decoder(self, engine) -> ObservationDecoder:
         """The observation decoder for ``engine``'s spec and resizing (built once, on first use)."""
@@ -120,19 +177,20 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     # -- the episode stream -------------------------------------------------------------------
     def Episode(self, request_iterator, context):
-        engine = self._engine(context)
-        try:
-            self.slots.enter()
-        except EpisodeRefused as e:
-            code = (grpc.StatusCode.UNAVAILABLE if e.reason == "draining"
-                    else grpc.StatusCode.RESOURCE_EXHAUSTED)
-            abort(context, code, str(e))
-        inbox = Inbox(request_iterator)
-        try:
-            yield from self.metrics.episode(self._episode(engine, inbox, context), context)
-        finally:
-            inbox.close()
-            self.slots.leave()
+        # the whole episode runs on the engine it started on, whatever reloads happen meanwhile
+        with self._pinned(context) as engine:
+            try:
+                self.slots.enter()
+            except EpisodeRefused as e:
+                code = (grpc.StatusCode.UNAVAILABLE if e.reason == "draining"
+                        else grpc.StatusCode.RESOURCE_EXHAUSTED)
+                abort(context, code, str(e))
+            inbox = Inbox(request_iterator)
+            try:
+                yield from self.metrics.episode(self._episode(engine, inbox, context), context)
+            finally:
+                inbox.close()
+                self.slots.leave()
 
     def _next(self, inbox: Inbox, context, waiting_for: str):
         """The next request of the stream, or None when the client ended it; aborts on idle
@@ -245,7 +303,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     # -- unary calls --------------------------------------------------------------------------
     def ListSkills(self, request, context):
-        engine = self._engine(context)
+        with self._pinned(context) as engine:
+            return self._list_skills(engine)
+
+    @staticmethod
+    def _list_skills(engine):
         return pb.ListSkillsResponse(
             skills=[pb.SkillInfo(name=s["name"], instructions=s.get("instructions", []),
                                  description=s.get("description", ""), order=s.get("order", 0))
@@ -253,7 +315,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             state_version=engine.info().get("state_version", ""))
 
     def Route(self, request, context):
-        engine = self._engine(context)
+        with self._pinned(context) as engine:
+            return self._route(engine, request, context)
+
+    def _route(self, engine, request, context):
         if not request.instruction.strip():
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "instruction: empty")
         obs = (self._observation(engine, request.observation, "observation",
@@ -263,13 +328,40 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                                                    request.instruction, obs))
 
     def ServerInfo(self, request, context):
-        engine = self._engine(context)
+        with self._pinned(context) as engine:
+            return self._server_info(engine)
+
+    def _server_info(self, engine):
         info = engine.info()
+        r = self.reloader
         return pb.ServerInfoResponse(
             server_version=__version__, backend=str(info.get("backend", "")),
             spec=spec_to_proto(engine.spec), mode=str(info.get("mode", "")),
             state_version=str(info.get("state_version", "")), num_skills=len(engine.skills()),
             uptime_s=time.time() - self.started, router=str(info.get("router", "")),
             state_loaded_time=self.holder.loaded_at,
+            last_reload_error=r.last_error if r else "", last_reload_time=r.last_time if r else 0,
+            reloads_ok=r.ok if r else 0, reloads_failed=r.failed if r else 0,
             extra={k: str(v) for k, v in info.items()
                    if k not in ("backend", "mode", "state_version", "router")})
+
+    def Reload(self, request, context):
+        """Admin: switch new episodes to ``request.version`` (default CURRENT); see reload.py."""
+        check_admin_token(context, self.admin_token)
+        if self.reloader is None:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  "this server serves no merge state (started without --state): nothing to "
+                  "reload")
+        if not self.holder.ready.is_set():
+            abort(context, grpc.StatusCode.UNAVAILABLE, "policy is still loading; retry shortly")
+        try:
+            previous, now, changed = self.reloader.reload(request.version or None)
+        except UnknownVersion as e:
+            abort(context, grpc.StatusCode.NOT_FOUND, f"version: {e}")
+        except InputError as e:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"version: {e}")
+        except Exception:  # noqa: BLE001 - verify/load failures: the old version is kept
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"{self.reloader.last_error}; still serving "
+                  f"{self.reloader.served_version() or '-'}")
+        return pb.ReloadResponse(previous_version=previous, state_version=now, changed=changed)

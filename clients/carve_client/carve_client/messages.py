@@ -41,7 +41,9 @@ def server_info_from_proto(r: pb.ServerInfoResponse) -> dict:
     return {"server_version": r.server_version, "backend": r.backend, "mode": r.mode,
             "state_version": r.state_version, "num_skills": r.num_skills,
             "uptime_s": r.uptime_s, "router": r.router, "spec": spec_from_proto(r.spec),
-            "extra": dict(r.extra), "state_loaded_time": r.state_loaded_time}
+            "extra": dict(r.extra), "state_loaded_time": r.state_loaded_time,
+            "last_reload_error": r.last_reload_error, "last_reload_time": r.last_reload_time,
+            "reloads_ok": r.reloads_ok, "reloads_failed": r.reloads_failed}
 
 
 def chunk_from_response(resp: pb.EpisodeResponse) -> tuple[np.ndarray, float]:

@@ -237,7 +237,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("server_version", "backend", "spec", "mode", "state_version", "num_skills", "uptime_s", "router", "extra", "state_loaded_time")
+    __slots__ = ("server_version", "backend", "spec", "mode", "state_version", "num_skills", "uptime_s", "router", "extra", "state_loaded_time", "last_reload_error", "last_reload_time", "reloads_ok", "reloads_failed")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +255,10 @@ class ServerInfoResponse(_message.Message):
     ROUTER_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
     STATE_LOADED_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_TIME_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_OK_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_FAILED_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     backend: str
     spec: ActionSpec
@@ -265,4 +269,24 @@ class ServerInfoResponse(_message.Message):
     router: str
     extra: _containers.ScalarMap[str, str]
     state_loaded_time: float
-    def __init__(self, server_version: _Optional[str] = ..., backend: _Optional[str] = ..., spec: _Optional[_Union[ActionSpec, _Mapping]] = ..., mode: _Optional[str] = ..., state_version: _Optional[str] = ..., num_skills: _Optional[int] = ..., uptime_s: _Optional[float] = ..., router: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., state_loaded_time: _Optional[float] = ...) -> None: ...
+    last_reload_error: str
+    last_reload_time: float
+    reloads_ok: int
+    reloads_failed: int
+    def __init__(self, server_version: _Optional[str] = ..., backend: _Optional[str] = ..., spec: _Optional[_Union[ActionSpec, _Mapping]] = ..., mode: _Optional[str] = ..., state_version: _Optional[str] = ..., num_skills: _Optional[int] = ..., uptime_s: _Optional[float] = ..., router: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ..., state_loaded_time: _Optional[float] = ..., last_reload_error: _Optional[str] = ..., last_reload_time: _Optional[float] = ..., reloads_ok: _Optional[int] = ..., reloads_failed: _Optional[int] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("previous_version", "state_version", "changed")
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    previous_version: str
+    state_version: str
+    changed: bool
+    def __init__(self, previous_version: _Optional[str] = ..., state_version: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...

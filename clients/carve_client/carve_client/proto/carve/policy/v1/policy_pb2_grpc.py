@@ -54,6 +54,11 @@ class PolicyServiceStub:
                 request_serializer=carve_dot_policy_dot_v1_dot_policy__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=carve_dot_policy_dot_v1_dot_policy__pb2.ServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/carve.policy.v1.PolicyService/Reload',
+                request_serializer=carve_dot_policy_dot_v1_dot_policy__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=carve_dot_policy_dot_v1_dot_policy__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -87,6 +92,18 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Admin: load a merge-state version (default: the state's CURRENT) beside the served one and
+        switch new episodes to it; running episodes finish on theirs. Needs the admin token
+        (`authorization: Bearer <admin token>`): UNAUTHENTICATED without or with a wrong one,
+        PERMISSION_DENIED when the server has no admin token. A version that does not exist is
+        NOT_FOUND, one that fails to verify or load FAILED_PRECONDITION; both leave the served
+        version in place.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +126,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.ServerInfo,
                     request_deserializer=carve_dot_policy_dot_v1_dot_policy__pb2.ServerInfoRequest.FromString,
                     response_serializer=carve_dot_policy_dot_v1_dot_policy__pb2.ServerInfoResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=carve_dot_policy_dot_v1_dot_policy__pb2.ReloadRequest.FromString,
+                    response_serializer=carve_dot_policy_dot_v1_dot_policy__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +241,33 @@ class PolicyService:
             '/carve.policy.v1.PolicyService/ServerInfo',
             carve_dot_policy_dot_v1_dot_policy__pb2.ServerInfoRequest.SerializeToString,
             carve_dot_policy_dot_v1_dot_policy__pb2.ServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/carve.policy.v1.PolicyService/Reload',
+            carve_dot_policy_dot_v1_dot_policy__pb2.ReloadRequest.SerializeToString,
+            carve_dot_policy_dot_v1_dot_policy__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

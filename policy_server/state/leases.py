@@ -46,10 +46,19 @@ def acquire_shared(version_dir: Path) -> int | None:
     """Take a reader's shared lease on ``version_dir`` (blocks only while a gc is deleting it).
 
     Returns the fd to pass to :func:`release` (None: no lease could be taken). The caller must
-    check that the version still exists *after* this returns."""
+    check that the version still exists *after* this returns.
+
+    Works on a read-only mount (a fleet's replicas mount the state read-only): the lease file is
+    opened O_RDONLY and a shared flock needs no write. Where the file is missing and cannot be
+    created (EROFS/EACCES) or the filesystem refuses locks (ENOLCK), the reader goes on without a
+    lease instead of failing: it is then unprotected from a gc, as readers were before leases."""
     fd = _open_lease(version_dir)
     if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:  # e.g. ENOLCK on an NFS mount without a lock service: serve unleased
+            os.close(fd)
+            return None
     return fd
 
 

@@ -29,6 +29,7 @@ class MethodSpec:
     build: str                     # "continual" (admit step by step) | "oneshot" (re-merge 1..t)
     options: dict = field(default_factory=dict)
     description: str = ""
+    storage: dict = field(default_factory=dict)  # admission fields, e.g. {"core_dtype": "bfloat16"}
 
     @property
     def rank(self) -> int | None:
@@ -40,7 +41,7 @@ class MethodSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "method": self.method, "build": self.build,
                 "options": dict(self.options), "description": self.description,
-                "rank": self.rank}
+                "rank": self.rank, "storage": dict(self.storage)}
 
 
 def _carve(rank: int | None = None, **extra) -> MethodSpec:
@@ -65,6 +66,10 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
     _carve(4), _carve(16), _carve(64),
     _carve(energy=0.9),
     _carve(16, drift_compensation=True),
+    # the demo VLA is float32, so its default core is float32 too: this row stores the core in
+    # bfloat16 to measure what a bf16 base's default storage does to closed-loop success
+    MethodSpec("carve-r16-bf16core", "carve", "continual", {"rank": 16},
+               "CARVE rank 16 with the core stored in bfloat16", {"core_dtype": "bfloat16"}),
     MethodSpec("ta", "task_arithmetic", "continual", {},
                "task arithmetic, admitted online (C_t = C_{t-1} + lam tau_t)"),
     MethodSpec("magmax", "magmax", "continual", {}, "MagMax, admitted online"),

@@ -104,7 +104,7 @@ class _Builder:
             rep = admit(self.state_dir, base_dir, e["dir"], e["name"],
                         instructions=e["instructions"], description=f"suite {e.get('suite', '')}",
                         method=self.spec.method, options=dict(self.spec.options), hooks=hooks,
-                        progress=self.progress)
+                        progress=self.progress, **self.spec.storage)
             return {"kind": "state", "out": str(self.state_dir), "wall_s": rep.get("wall_s")}
         if self.spec.build == "oneshot":
             out = self.work / f"step{t}"

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 pytest.importorskip("lerobot.policies.factory", reason="lerobot not installed")
-pytest.importorskip("cv2")
 
 from carve_client import PolicyClient  # noqa: E402
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("timm")
-pytest.importorskip("transformers")
+pytest.importorskip("timm", reason="timm is the OpenVLA backend's optional dependency")
 
 import openvla_utils as U  # noqa: E402
 from clients import libero_client as lc  # noqa: E402

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("timm")
-pytest.importorskip("transformers")
+pytest.importorskip("timm", reason="timm is the OpenVLA backend's optional dependency")
 
 import openvla_utils as U  # noqa: E402
 from policy_server.errors import InputError  # noqa: E402
@@ -72,13 +71,12 @@ def test_convert_needs_opt_in_and_keeps_source(oft, tmp_path, capsys):
     assert cfg["carve_oft"] == dict(U.OFT, use_film=oft["film"])
 
 
+@pytest.mark.parametrize("oft", [True], indirect=True, ids=["film"])  # FiLM only
 def test_film_backbone_pickle_is_authoritative(oft):
     """The converted vision tensors are the pickle's, LoRA folded with alpha / r = min(r, 16) / r:
     equal to the true FiLM module, not to the published shards' pre-LoRA vision weights."""
     from policy_server.tensors.checkpoint import open_checkpoint
 
-    if not oft["film"]:
-        pytest.skip("FiLM only")
     cfg = json.loads((oft["converted"] / "config.json").read_text())
     truth = U.build_module(cfg, seed=3).state_dict()
     with open_checkpoint(oft["converted"]) as r, open_checkpoint(oft["published"]) as pub:
@@ -313,6 +311,7 @@ def _copy_published(src: Path, dst: Path, edit_vision=None) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("oft", [True], indirect=True, ids=["film"])  # FiLM only
 def test_film_convert_refuses_bad_backbone(oft, tmp_path):
     """A vision pickle without FiLM projectors, with a half LoRA pair or with keys the checkpoint
     does not have is refused naming the problem; nothing is written. An ``adapter_config.json``
@@ -320,8 +319,6 @@ def test_film_convert_refuses_bad_backbone(oft, tmp_path):
     from policy_server.models.openvla.convert import convert_oft
     from policy_server.tensors.checkpoint import open_checkpoint
 
-    if not oft["film"]:
-        pytest.skip("FiLM only")
     drop = (lambda pred: lambda sd: {k: v for k, v in sd.items() if not pred(k)})
     cases = {
         "no FiLM projectors": drop(lambda k: ".scale." in k or ".shift." in k),

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("timm")
-pytest.importorskip("transformers")
+pytest.importorskip("timm", reason="timm is the OpenVLA backend's optional dependency")
 
 import openvla_utils as U  # noqa: E402
 from policy_server.errors import InputError  # noqa: E402

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from policy_server.errors import InputError
 from policy_server.models.base import ImageSpec, ObservationBatch, PolicyBackend, PolicySpec
+from policy_server.models.config_json import read_config_json
 from policy_server.models.features import RoutingFeatures
 
 MODEL_TYPE = "carve_demo_vla"
@@ -303,16 +304,11 @@ class DemoVLABackend(PolicyBackend):
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
              ) -> "DemoVLABackend":
         path = Path(path)
-        cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-        if not cfg_path.is_file():
-            raise InputError(f"{path}: no {CONFIG_NAME}")
+        raw = read_config_json(path, "a demo-VLA directory")
+        w_path = path / WEIGHTS_NAME
         if not w_path.is_file():
             raise InputError(f"{path}: no {WEIGHTS_NAME}")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{cfg_path}: invalid JSON: {e}") from None
-        cfg = DemoVLAConfig.from_json_dict(raw, str(cfg_path))
+        cfg = DemoVLAConfig.from_json_dict(raw, str(path / CONFIG_NAME))
         module = DemoVLAModule(cfg)
         state = load_file(str(w_path))
         want = module.state_dict()

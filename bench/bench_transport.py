@@ -18,7 +18,11 @@ subprocess:
 * LeRobot: its generated ``AsyncInference`` gRPC stubs (loaded from ``--lerobot-wheel`` or an
   importable ``lerobot``, skipped with a reason otherwise), pickled observations and action
   chunks, a per-client observation queue (LeRobot as shipped has one shared queue, so it cannot
-  serve 8 clients), its 4-worker thread pool.
+  serve 8 clients), its 4-worker thread pool;
+* gRPC floor (a reference, not a competitor): a grpc.aio server echoing pre-serialized responses
+  to the bytes of carve's request, with identity (de)serializers and no servicer code, driven the
+  way ``PolicyClient`` drives its stream: what gRPC Python itself costs for these messages
+  (``bench/transport/grpc_floor_peer.py``).
 
 Scenarios, per number of images: 1 client (p50/p90 ms over ``--calls`` calls after warm-up),
 ``--clients`` clients (total calls/s over ``--seconds``), and the same with the ``--policy-ms``
@@ -40,9 +44,9 @@ import time
 
 from bench.transport.common import THREAD_ENV, set_threads
 
-PEERS = ("carve", "openpi", "lerobot")
+PEERS = ("carve", "openpi", "lerobot", "floor")
 LABEL = {"carve": "carve-serve", "openpi": "openpi websocket",
-         "lerobot": "LeRobot async (gRPC + pickle)"}
+         "lerobot": "LeRobot async (gRPC + pickle)", "floor": "gRPC floor (bytes echo)"}
 GOALS = {"latency": ("<=", 0.8), "throughput": (">=", 1.2), "slow": (">=", 8.0)}
 
 
@@ -81,7 +85,7 @@ class Peer:
     """The server subprocesses of one peer kind: one per policy delay."""
 
     def __init__(self, ctx, kind: str, policy_ms_values, images, stub_dir, max_seconds):
-        from bench.transport import carve_peer, lerobot_peer, openpi_peer
+        from bench.transport import carve_peer, grpc_floor_peer, lerobot_peer, openpi_peer
         self.kind = kind
         self.ports: dict[tuple[float, int], int] = {}
         self._procs = []
@@ -91,6 +95,8 @@ class Peer:
                 target, args = carve_peer.serve, (ms, list(images), child, max_seconds)
             elif kind == "openpi":
                 target, args = openpi_peer.serve, (ms, child, max_seconds)
+            elif kind == "floor":
+                target, args = grpc_floor_peer.serve, (ms, list(images), child, max_seconds)
             else:
                 target, args = lerobot_peer.serve, (stub_dir, ms, child, max_seconds)
             p = ctx.Process(target=target, args=args, daemon=True, name=f"serve-{kind}-{ms:g}ms")

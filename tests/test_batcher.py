@@ -183,3 +183,35 @@ def test_capture_through_the_batcher_equals_the_runtime_capture():
         with pytest.raises(InputError, match="no module"):
             mb.capture(b, ["nope"]).result(30)
     assert torch.equal(got["v.weight"], want["v.weight"])
+
+
+def test_a_batch_stops_waiting_once_every_possible_peer_is_in():
+    """With ``peers`` (the server's open-episode count) a lone request is served at once instead
+    of waiting ``max_wait_ms`` for company that cannot come; without it, it waits."""
+    rt = PolicyRuntime(ToyBackend(), make_snapshot(), mode="auto")
+    obs = row(make_batch(1, seed=3), 0)
+    with MicroBatcher(rt, max_batch=16, max_wait_ms=600.0) as mb:
+        mb.submit(obs, "pick").result(timeout=30)  # warm up the model outside the timing
+        t0 = time.perf_counter()
+        mb.submit(obs, "pick").result(timeout=30)
+        waited = time.perf_counter() - t0
+        assert waited >= 0.55, waited  # no peers known: the batch waits for company
+        mb.peers = lambda: 1
+        t0 = time.perf_counter()
+        alone = mb.submit(obs, "pick").result(timeout=30)
+        assert time.perf_counter() - t0 < 0.3  # the one open episode is already in
+        mb.peers = lambda: 2  # two episodes: two requests form one batch, served when both are in
+        futs = [mb.submit(obs, "pick"), mb.submit(obs, "place")]
+        for f in futs:
+            f.result(timeout=30)
+    assert list(mb.batch_sizes)[-1] == 2
+    np.testing.assert_allclose(alone, futs[0].result(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_single_row_batch_is_not_copied():
+    from policy_server.runtime.batcher import concat_observations
+
+    one = row(make_batch(2, seed=1), 0)
+    assert concat_observations([one]) is one
+    two = concat_observations([one, row(make_batch(2, seed=1), 1)])
+    assert two.state.shape[0] == 2 and len(two.instructions) == 2

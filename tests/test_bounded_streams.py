@@ -141,3 +141,43 @@ def test_second_start_and_unknown_kinds_still_fail_precondition(stack):
         ch.close()
     finally:
         server.stop(1.0)
+
+
+def test_idle_streams_hold_no_server_threads(stack):
+    """On grpc.aio an open episode waiting for its robot is a suspended task, not a blocked
+    thread: 40 idle streams add no server thread (the thread-per-stream design held two each:
+    a worker and a reader), and a step still runs once one of them sends an observation."""
+    import threading
+
+    server, port = _server(stack)
+
+    def server_threads() -> int:
+        return sum(t.name.startswith(("carve-rpc", "carve-stream")) for t in threading.enumerate())
+
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    feeds, calls = [], []
+    try:
+        stub = pb_grpc.PolicyServiceStub(ch)
+        start = pb.EpisodeRequest(start=pb.EpisodeStart(skill="drawer"))
+        before = server_threads()
+        for _ in range(40):
+            q: queue.Queue = queue.Queue()
+            q.put(start)
+            feeds.append(q)
+            calls.append(stub.Episode(iter(q.get, None), timeout=60))
+        for c in calls:
+            assert next(c).WhichOneof("msg") == "started"  # all 40 opened, now idle
+        assert _wait(lambda: server.servicer.active_episodes == 40, 10)
+        time.sleep(0.3)
+        # opening routed in the pool (a few threads at most); waiting holds none
+        assert server_threads() - before <= 8, server_threads() - before
+        feeds[0].put(pb.EpisodeRequest(observation=pb.Observation(state=pb.Tensor(
+            dtype="float32", shape=[39], data=np.zeros(39, np.float32).tobytes()))))
+        assert next(calls[0]).WhichOneof("msg") == "chunk"
+    finally:
+        for c in calls:
+            c.cancel()
+        for q in feeds:
+            q.put(None)
+        ch.close()
+        server.stop(1.0)

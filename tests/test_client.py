@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from carve_client import (AsyncPolicyClient, ChunkBlender, ImageSpec, PolicyClient, PolicyError,
                           PolicySpec, RouteDecision)
+from carve_client.client import CANCELLED_RETRY_MIN_S
 
 from policy_server.models.base import ObservationBatch
 from policy_server.action_guard import ActionGuard
@@ -343,8 +344,11 @@ def test_episode_open_is_retried_on_cancelled_but_unary_calls_are_not():
     server.start()
     try:
         c = PolicyClient(f"127.0.0.1:{port}", retries=1, backoff_s=0.01, timeout=10)
+        t0 = time.monotonic()
         ep = c.episode("pick the cube")
         assert ep.episode_id == "e1" and attempts["Episode"] == 2
+        # the retry after CANCELLED waits past a stopping core's window, not just backoff_s
+        assert time.monotonic() - t0 >= CANCELLED_RETRY_MIN_S
         ep._shut(cancel=True)
         with pytest.raises(PolicyError) as e:
             c.list_skills()

@@ -48,7 +48,7 @@ def test_server_uses_the_client_package_types_and_codec():
     assert base.PolicySpec is carve_client.PolicySpec and base.ImageSpec is carve_client.ImageSpec
     assert router_base.RouteDecision is carve_client.RouteDecision
     # the server encodes with the client's codec and decodes observations with it
-    assert servicer.encode_tensor is codec.encode_tensor and servicer.pb is codec.pb
+    assert servicer.fill_tensor is codec.fill_tensor and servicer.pb is codec.pb
     assert validation.decode_tensor is codec.decode_tensor
     assert validation.decode_image is codec.decode_image
 

@@ -16,6 +16,9 @@ def make_client(task: dict, stub_dir: str | None):
     if kind == "openpi":
         from bench.transport.openpi_peer import OpenpiClient
         return OpenpiClient(task["port"], state, images)
+    if kind == "floor":
+        from bench.transport.grpc_floor_peer import FloorClient
+        return FloorClient(task["port"], state, images)
     if kind == "lerobot":
         from bench.transport.lerobot_peer import LerobotClient
         return LerobotClient(f"127.0.0.1:{task['port']}", stub_dir, state, images)

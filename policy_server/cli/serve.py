@@ -62,10 +62,12 @@ def register(sub) -> None:
     net.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     net.add_argument("--max-message-mb", type=int, default=32)
     net.add_argument("--max-workers", type=int, default=64,
-                     help="grpc worker threads (episode streams + unary calls)")
+                     help="threads for steps (observation decoding + inference), routing and "
+                          "reloads; streams themselves run on one asyncio loop and hold no thread")
     net.add_argument("--max-episodes", type=int,
                      help="concurrent episode streams (RESOURCE_EXHAUSTED beyond); default and "
-                          "maximum: --max-workers minus 4, kept for health and unary calls")
+                          "maximum: --max-workers minus 4, so every episode's step finds a thread "
+                          "while routing and reloads still get one")
     net.add_argument("--episode-idle-timeout", type=float, default=30.0, metavar="S",
                      help="end an episode with DEADLINE_EXCEEDED when no message came for S s")
     net.add_argument("--metrics-port", type=int, default=None, metavar="P",

@@ -51,7 +51,11 @@ _STOP = object()
 
 
 def concat_observations(obs: list[ObservationBatch]) -> ObservationBatch:
-    """Stack size-1 observations into one batch (state (B, S), images key -> (B, H, W, C))."""
+    """Stack size-1 observations into one batch (state (B, S), images key -> (B, H, W, C)).
+    A single observation is returned as it is: it already is a batch of one, and stacking
+    would only copy its images."""
+    if len(obs) == 1:
+        return obs[0]
     keys = set(obs[0].images)
     for o in obs:
         if set(o.images) != keys:
@@ -71,7 +75,10 @@ class MicroBatcher:
     waits for company; max_queue: pending requests beyond which ``submit`` raises ``BatcherFull``.
     ``batch_sizes``: sizes of the most recent batches (for metrics and tests); ``metrics``: an
     object whose ``batch(size, waits_s)`` hears of every batched forward (the server's metrics
-    recorder, set by the engine), or None.
+    recorder, set by the engine), or None. ``peers``: None, or a callable giving how many callers
+    can have a request pending at most (the server sets it to its number of open episodes, each
+    of which waits for its step before sending the next): a batch stops waiting for company once
+    it holds that many, so a lone robot never pays ``max_wait_ms``.
     """
 
     def __init__(self, runtime, max_batch: int = 16, max_wait_ms: float = 2.0,
@@ -84,6 +91,7 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.batch_sizes: deque[int] = deque(maxlen=history)
         self.metrics = None
+        self.peers = None
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._close_lock = threading.Lock()  # orders submit's closed check against close()
@@ -153,7 +161,11 @@ class MicroBatcher:
                 continue
             batch = [first]
             deadline = first.t_submit + self.max_wait
-            while len(batch) < self.max_batch:
+            limit = self.max_batch
+            peers = self.peers
+            if peers is not None:  # nobody else can join: do not wait for them
+                limit = max(1, min(limit, peers()))
+            while len(batch) < limit:
                 remaining = deadline - time.monotonic()
                 try:
                     item = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()

@@ -16,23 +16,32 @@ from carve_client.auth import TokenError
 from carve_client.auth import read_token_file as _read_token_file
 
 from policy_server.errors import InputError
+from policy_server.service.wire import Abort
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_METHODS = ("/carve.policy.v1.PolicyService/Reload",)  # authenticated by the admin token
 
 
 def check_admin_token(context, expected: str | None) -> None:
-    """Aborts an admin call: PERMISSION_DENIED when the server has no admin token (admin calls
-    are off), UNAUTHENTICATED without ``authorization: Bearer <admin token>`` or with a wrong one
-    (constant-time compare)."""
+    """Aborts an admin call (raises ``wire.Abort``): PERMISSION_DENIED when the server has no
+    admin token (admin calls are off), UNAUTHENTICATED without ``authorization: Bearer <admin
+    token>`` or with a wrong one (constant-time compare)."""
     if not expected:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                      "admin calls are disabled: the server was started without "
-                      "--admin-token-file")
-    got = dict(context.invocation_metadata() or ()).get("authorization", "")
+        raise Abort(grpc.StatusCode.PERMISSION_DENIED,
+                    "admin calls are disabled: the server was started without "
+                    "--admin-token-file")
+    got = _authorization(context.invocation_metadata())
     if not hmac.compare_digest(got.encode(), f"Bearer {expected}".encode()):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                      "missing or invalid 'authorization: Bearer <admin token>' metadata")
+        raise Abort(grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or invalid 'authorization: Bearer <admin token>' metadata")
+
+
+def _authorization(metadata) -> str:
+    """The ``authorization`` value of call metadata ("" when absent)."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return ""
 
 
 def read_token_file(path: str | Path) -> str:
@@ -44,24 +53,25 @@ def read_token_file(path: str | Path) -> str:
         raise InputError(str(e)) from None
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without the right bearer token with UNAUTHENTICATED (constant-time compare)."""
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without the right bearer token with UNAUTHENTICATED (constant-time compare).
+    A grpc.aio interceptor: the server runs on grpc.aio (see server.py)."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or invalid 'authorization: Bearer <token>' metadata")
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or invalid 'authorization: Bearer <token>' metadata")
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES) or method in ADMIN_METHODS:
-            return continuation(handler_call_details)
-        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+            return await continuation(handler_call_details)
+        got = _authorization(handler_call_details.invocation_metadata)
         if hmac.compare_digest(got.encode(), self._expected):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         return self._deny_stream if method.endswith("/Episode") else self._deny_unary

@@ -7,10 +7,10 @@ benchmarks) never collide on metric names. With metrics off (no ``--metrics-port
 holds :data:`NO_METRICS`, whose methods do nothing, so the serving paths never test a flag.
 
 What is recorded where (names, labels and meaning are listed in docs/OPERATIONS.md):
-- episodes, their route decisions and step latencies: :meth:`Recorder.episode` wraps the
-  servicer's episode generator and reads the responses it yields (``EpisodeStarted`` carries the
-  skill and route, each ``ActionChunk`` its server receive/done times), so the servicer keeps a
-  single call and the latency is exactly the one reported to the client;
+- episodes, their route decisions and step latencies: the servicer hands the recorder the
+  responses it sends (:meth:`Recorder.opened` the ``EpisodeStarted``, which carries the skill and
+  route; :meth:`Recorder.step` each ``ActionChunk``, with its server receive/done times, so the
+  latency is exactly the one reported to the client) and :meth:`Recorder.closed` the outcome;
 - abstentions refused before an episode starts: :meth:`Recorder.route` from the servicer;
 - errors by gRPC status, for every method (authentication refusals included): a server interceptor
   that reads the status the handler set when it aborted;
@@ -18,6 +18,9 @@ What is recorded where (names, labels and meaning are listed in docs/OPERATIONS.
 """
 
 from __future__ import annotations
+
+import asyncio
+import inspect
 
 import grpc
 
@@ -33,9 +36,9 @@ _CONFIDENCE_BUCKETS = (.1, .2, .3, .4, .5, .6, .7, .8, .9, .95, .99, 1.0)
 
 def status_name(context, exc: BaseException | None) -> str:
     """The gRPC status a handler ended with, as its name (``"NOT_FOUND"``): ``CANCELLED`` when
-    the client went away (grpc closes the handler's generator), the code the handler aborted with,
-    else ``UNKNOWN`` (what grpc answers for an exception that escapes a handler)."""
-    if isinstance(exc, GeneratorExit):
+    the client went away (grpc.aio cancels the handler's task), the code the handler aborted
+    with, else ``UNKNOWN`` (what grpc answers for an exception that escapes a handler)."""
+    if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
         return "CANCELLED"
     code = context.code()
     if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
@@ -48,9 +51,15 @@ class Recorder:
 
     enabled = False
 
-    def episode(self, responses, context):
-        """The episode's responses, unchanged (a recorder that counts wraps them)."""
-        return responses
+    def opened(self, started) -> None:
+        """An episode started: its ``EpisodeStarted`` message was sent."""
+
+    def step(self, chunk) -> None:
+        """One ``ActionChunk`` was sent (its server receive and done times give the latency)."""
+
+    def closed(self, started, outcome: str) -> None:
+        """A started episode ended: ``outcome`` is ``COMPLETED`` or the lower-case name of the
+        status it ended with (``"internal"``, ``"cancelled"``...)."""
 
     def route(self, decision, refused: bool) -> None:
         """A route decision (RouteDecision proto) made to open an episode; ``refused``: the
@@ -125,34 +134,16 @@ class ServerMetrics(Recorder):
         self._http = None
 
     # -- recording ----------------------------------------------------------------------------
-    def episode(self, responses, context):
-        """Yields ``responses`` (the servicer's episode generator) while counting the episode's
-        start, route decision, steps and outcome."""
-        skill = None
-        exc: BaseException | None = None
-        try:
-            for resp in responses:
-                kind = resp.WhichOneof("msg")
-                if kind == "started":
-                    skill = resp.started.skill or CORE_ONLY
-                    self._opened(resp.started, skill)
-                elif kind == "chunk":
-                    c = resp.chunk
-                    self.step_latency.observe(max(0.0, c.server_done_time
-                                                  - c.server_received_time))
-                yield resp
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            if skill is not None:
-                outcome = COMPLETED if exc is None else status_name(context, exc).lower()
-                self.episodes_finished.labels(skill, outcome).inc()
-
-    def _opened(self, started, skill: str) -> None:
-        self.episodes_started.labels(skill).inc()
+    def opened(self, started) -> None:
+        self.episodes_started.labels(started.skill or CORE_ONLY).inc()
         if started.HasField("route"):
             self.route(started.route, refused=False)
+
+    def step(self, chunk) -> None:
+        self.step_latency.observe(max(0.0, chunk.server_done_time - chunk.server_received_time))
+
+    def closed(self, started, outcome: str) -> None:
+        self.episodes_finished.labels(started.skill or CORE_ONLY, outcome).inc()
 
     def route(self, decision, refused: bool) -> None:
         router = decision.router or "unknown"
@@ -200,15 +191,15 @@ class ServerMetrics(Recorder):
             http.server_close()
 
 
-class _ErrorCounter(grpc.ServerInterceptor):
+class _ErrorCounter(grpc.aio.ServerInterceptor):
     """Counts every RPC that ends with a non-OK status, by method and status name. Installed
     first, so it also sees the refusals of the interceptors after it (token auth)."""
 
     def __init__(self, counter):
         self.counter = counter
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED itself
         method = handler_call_details.method.rsplit("/", 1)[-1]
@@ -225,10 +216,12 @@ class _ErrorCounter(grpc.ServerInterceptor):
         if name != "OK":
             self.counter.labels(method, name).inc()
 
+    # the server's handlers are coroutines (PolicyService, health) or async generators
+    # (health's Watch); each wrapper keeps its kind
     def _unary(self, fn, method: str):
-        def handle(request, context):
+        async def handle(request, context):
             try:
-                out = fn(request, context)
+                out = await fn(request, context)
             except BaseException as e:
                 self._count(method, context, e)
                 raise
@@ -238,10 +231,14 @@ class _ErrorCounter(grpc.ServerInterceptor):
         return handle
 
     def _stream(self, fn, method: str):
-        def handle(request, context):
+        if not inspect.isasyncgenfunction(fn):
+            return self._unary(fn, method)
+
+        async def handle(request, context):
             exc: BaseException | None = None
             try:
-                yield from fn(request, context)
+                async for resp in fn(request, context):
+                    yield resp
             except BaseException as e:
                 exc = e
                 raise

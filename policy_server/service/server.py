@@ -1,17 +1,24 @@
 """The gRPC server: PolicyService + health + reflection, TLS, token auth, graceful shutdown.
 
-Threading model: grpc's synchronous server with a thread pool; each episode stream holds one worker
-thread and blocks only on its own inference future. Concurrent episodes meet in the runtime's
-``MicroBatcher``, which runs one batched forward for all of them (torch releases the GIL), so a slow
-or idle robot never stalls another (unlike a single-threaded event loop doing inference inline).
+Threading model: a grpc.aio server on one event loop in a thread of its own ("carve-grpc"),
+so ``PolicyServer`` keeps its blocking API (``start``, ``stop``, ``wait``). Each episode stream
+is a task on that loop: messages are read and written without a thread hand-off per message,
+and an idle stream holds no thread at all. The blocking part of a step (decoding the
+observation, the engine's inference) runs in a thread pool of ``max_workers`` threads, one
+hand-off per step; concurrent episodes meet in the runtime's ``MicroBatcher``, which runs one
+batched forward for all of them (torch releases the GIL), so a slow robot never stalls another
+(unlike openpi's event loop, which runs inference inline). Health, ``ListSkills`` and
+``ServerInfo`` are answered on the loop itself.
 
 Bounds: at most ``max_episodes`` episode streams run at once (default and maximum: the pool's
-threads minus ``RESERVED_WORKERS``), so health checks and unary calls always find a free worker
-however many robots hold a stream open; an episode with no message for ``episode_idle_timeout_s`` is ended.
+threads minus ``RESERVED_WORKERS``, so every running episode can have a step in the pool while
+routing and reloads still find a thread); an episode with no message for
+``episode_idle_timeout_s`` is ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -22,10 +29,12 @@ from typing import Callable
 
 import grpc
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from policy_server.errors import CarveError, InputError
+from policy_server.runtime.batcher import MicroBatcher
 from policy_server.service.auth import TokenAuthInterceptor
 from policy_server.service.metrics import make_metrics
 from policy_server.service.reload import Follower, Reloader
@@ -37,7 +46,7 @@ log = logging.getLogger("carve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
 _GRPC_GRACE_S = 1.0   # grpc's own grace once our episodes are done (unary calls in flight)
 _END_WAIT_S = 1.0     # how long ended episodes get to send their UNAVAILABLE
-RESERVED_WORKERS = 4  # pool threads episodes can never take (health, ListSkills, ServerInfo...)
+RESERVED_WORKERS = 4  # pool threads episodes can never take (routing, reloads)
 
 
 @dataclass
@@ -46,7 +55,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051               # 0 picks a free port
-    max_workers: int = 64           # concurrent streams + unary calls
+    max_workers: int = 64           # threads for steps, routing and reloads
     max_episodes: int | None = None  # concurrent episode streams; None: max_workers - RESERVED
     episode_idle_timeout_s: float | None = 30.0  # no message for that long ends an episode
     max_message_mb: int = 32
@@ -110,22 +119,28 @@ class PolicyServer:
         self._factory: Callable | None = engine_or_factory if callable(engine_or_factory) \
             and not hasattr(engine_or_factory, "infer") else None
         self.holder = EngineHolder()
+        self.holder.on_serve = self._bind_engine
         if self._factory is None:
             self.holder.engine = engine_or_factory
         self.config.validate()
         self.metrics = make_metrics(self.config.metrics_port is not None)
+        self._pool = futures.ThreadPoolExecutor(max_workers=self.config.max_workers,
+                                                thread_name_prefix="carve-rpc")
         self.servicer = PolicyServicer(self.holder, self.config.limits,
                                        self.config.episode_limit,
-                                       self.config.episode_idle_timeout_s, self.metrics)
+                                       self.config.episode_idle_timeout_s, self.metrics,
+                                       pool=self._pool)
         self.metrics.bind_active(lambda: self.servicer.slots.active)
         self.servicer.admin_token = self.config.admin_token
         self.reloader = Reloader(self.holder, source, self.metrics) if source else None
         self.servicer.reloader = self.reloader
         self.follower: Follower | None = None
-        self.health = health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.load_error: BaseException | None = None
-        self._server: grpc.Server | None = None
-        self._pool: futures.ThreadPoolExecutor | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._terminated = threading.Event()
         self.port: int | None = None
         self.metrics_port: int | None = None  # the bound /metrics port, once started
 
@@ -141,18 +156,54 @@ class PolicyServer:
 
     def start(self, wait_loaded: bool = True) -> int:
         """Bind, start serving and load the engine. Returns the bound port."""
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run_loop():
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._loop = loop
+        self._loop_thread = threading.Thread(target=run_loop, name="carve-grpc", daemon=True)
+        self._loop_thread.start()
+        ready.wait()
+        try:
+            self._call(self._astart(), None)
+        except BaseException:
+            self._stop_loop()
+            raise
+        if self.holder.engine is not None:
+            self._mark_ready()
+        else:
+            t = threading.Thread(target=self._load, name="carve-load", daemon=True)
+            t.start()
+            if wait_loaded:
+                t.join()
+                if self.load_error is not None:
+                    self.stop(0)
+                    raise self.load_error
+        return self.port
+
+    def _call(self, coro, timeout: float | None):
+        """Run ``coro`` on the server's loop from another thread; its result (TimeoutError
+        after ``timeout`` seconds, None: no limit)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _astart(self) -> None:
         c = self.config
         # metrics first: it counts the statuses of the calls the token check refuses too
         interceptors = self.metrics.interceptors() + (
             [TokenAuthInterceptor(c.auth_token)] if c.auth_token else [])
-        self._pool = futures.ThreadPoolExecutor(max_workers=c.max_workers,
-                                                thread_name_prefix="carve-rpc")
-        server = grpc.server(self._pool, interceptors=interceptors, options=self._options())
+        server = grpc.aio.server(interceptors=interceptors, options=self._options())
         server.add_generic_rpc_handlers((policy_service_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._aset_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{c.host}:{c.port}"
         try:
             if c.tls_cert:
@@ -166,19 +217,16 @@ class PolicyServer:
         if not self.port:
             raise InputError(f"--host/--port: could not bind {address} (in use?)")
         self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
-        server.start()
+        await server.start()
         self._server = server
-        if self.holder.engine is not None:
-            self._mark_ready()
-        else:
-            t = threading.Thread(target=self._load, name="carve-load", daemon=True)
-            t.start()
-            if wait_loaded:
-                t.join()
-                if self.load_error is not None:
-                    self.stop(0)
-                    raise self.load_error
-        return self.port
+
+    def _stop_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            self._loop_thread.join(5.0)
+        self._pool.shutdown(wait=False)  # idle threads exit; a running step finishes first
+        self._terminated.set()
 
     def _load(self) -> None:
         try:
@@ -192,9 +240,18 @@ class PolicyServer:
             return
         self._mark_ready()
 
+    def _bind_engine(self, engine) -> None:
+        """Tell the engine's micro-batcher (if it has one) how many episodes are open: each has
+        at most one step pending, so a batch never waits for requests that cannot come."""
+        batcher = getattr(engine, "batcher", None)
+        if isinstance(batcher, MicroBatcher):
+            slots = self.servicer.slots
+            batcher.peers = lambda: slots.active
+
     def _mark_ready(self) -> None:
         engine = self.holder.engine
         self.holder.loaded_at = time.time()
+        self._bind_engine(engine)
         engine.attach_metrics(self.metrics)
         self.metrics.state_loaded(str(engine.info().get("state_version", "")),
                                   self.holder.loaded_at)
@@ -204,9 +261,15 @@ class PolicyServer:
             self.follower = Follower(self.reloader, self.config.follow_interval_s)
             self.follower.start()
 
-    def _set_health(self, status) -> None:
+    async def _aset_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+            await self.health.set(name, status)
+
+    def _set_health(self, status) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():  # stopped (e.g. a load that ended after stop())
+            return
+        self._call(self._aset_health(status), 5.0)
 
     def stop(self, grace: float = 10.0) -> None:
         """Graceful shutdown, bounded by about ``grace`` + 3 seconds whatever came before: health
@@ -226,18 +289,20 @@ class PolicyServer:
             log.warning("%d episode(s) still running after %.1fs grace; ending them with "
                         "UNAVAILABLE", slots.active, grace)
             slots.end_all()
-            # a handler wakes within a quarter second, or after the inference it is waiting on
+            # each handler's task is cancelled at once, even one waiting for its inference
             slots.wait_idle(_END_WAIT_S)
-        done = self._server.stop(grace=_GRPC_GRACE_S)
-        if not done.wait(_GRPC_GRACE_S + 1.0):
+        try:
+            self._call(self._server.stop(grace=_GRPC_GRACE_S), _GRPC_GRACE_S + 1.0)
+        except TimeoutError:
             log.warning("grpc server did not report termination within %.1fs; going on",
                         _GRPC_GRACE_S + 1.0)
         self._server = None
-        self._pool.shutdown(wait=False)  # idle workers exit; none is left blocked in a handler
+        self._stop_loop()  # idle pool threads exit; none is left blocked in a handler
         self.metrics.close()
         self.holder.close()
         log.info("stopped in %.2fs", time.monotonic() - t0)
 
     def wait(self) -> None:
+        """Block until the server has stopped."""
         if self._server is not None:
-            self._server.wait_for_termination()
+            self._terminated.wait()

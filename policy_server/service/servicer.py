@@ -1,12 +1,20 @@
 """The ``carve.policy.v1.PolicyService`` servicer: episodes, routing, skills, server info.
 
 Every error is a typed gRPC status whose message names the offending field (never a bare "error"
-string, never a pickled payload). Actions leaving the server are finite and clipped to the model's
-declared bounds by the engine (the runtime's one ``ActionGuard``); the transport does not re-check.
+string, never a pickled payload).
+
+The servicer runs on grpc.aio (one event loop, see server.py): reading and writing the streams,
+health and the cheap unary calls happen on the loop; everything that may block (decoding an
+observation and running the engine, routing, a reload) runs in the servicer's thread pool, one
+hand-off per step, so a slow policy never stalls another robot or a health check.
+
+Actions leaving the server are finite and clipped to the model's declared bounds by the engine
+(the runtime's one ``ActionGuard``); the transport does not re-check.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,7 +23,7 @@ from contextlib import contextmanager
 
 import grpc
 import numpy as np
-from carve_client.codec import WireError, decision_to_proto, echo, encode_tensor, spec_to_proto
+from carve_client.codec import WireError, decision_to_proto, echo, fill_tensor, spec_to_proto
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
 from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
 
@@ -23,12 +31,11 @@ from policy_server import __version__
 from policy_server.errors import (BatcherClosed, BatcherFull, InputError, NonFiniteActions,
                                    StateError)
 from policy_server.service.auth import check_admin_token
-from policy_server.service.metrics import NO_METRICS, Recorder
-from policy_server.service.streams import (EOF, IDLE, SHUTDOWN, EpisodeRefused, EpisodeSlots,
-                                           Inbox, StreamGone)
+from policy_server.service.metrics import COMPLETED, NO_METRICS, Recorder
+from policy_server.service.streams import EpisodeRefused, EpisodeSlots, EpisodeStream
 from policy_server.service.validation import InputLimits, ObservationDecoder
 from policy_server.serving import UnknownVersion
-from policy_server.service.wire import Undecodable, abort
+from policy_server.service.wire import Abort, Undecodable, abort
 
 log = logging.getLogger("carve.service")
 
@@ -53,6 +60,7 @@ class EngineHolder:
         self._pins: dict[int, int] = {}      # id(engine) -> calls running on it
         self._retired: dict[int, object] = {}  # replaced engines still pinned
         self._closed = False
+        self.on_serve = None  # called with each engine put in service by ``swap`` (or None)
 
     @contextmanager
     def pinned(self):
@@ -84,6 +92,8 @@ class EngineHolder:
                 self._retired[id(old)], old = old, None
         if old is not None:
             old.close()
+        if self.on_serve is not None and engine is self.engine:
+            self.on_serve(engine)
 
     def close(self) -> None:
         """Close every engine held (the server has stopped); a later ``swap`` closes its
@@ -98,16 +108,19 @@ class EngineHolder:
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    """Serves one ``PolicyEngine``; episodes run concurrently (one thread per stream).
+    """Serves one ``PolicyEngine`` on a grpc.aio server; episodes run concurrently (one task per
+    stream on the loop, their steps in ``pool``).
 
     limits: what observations may contain (``InputLimits``); max_episodes: concurrent episode
     streams (RESOURCE_EXHAUSTED beyond); idle_timeout_s: an episode with no message for that long
     is ended with DEADLINE_EXCEEDED (None: never); metrics: the server's ``Recorder`` (episodes,
-    route decisions, steps; ``NO_METRICS``: off)."""
+    route decisions, steps; ``NO_METRICS``: off); pool: the ``concurrent.futures`` executor that
+    runs decoding, inference, routing and reloads (None: the loop's default executor)."""
 
     def __init__(self, holder: EngineHolder, limits: InputLimits | None = None,
                  max_episodes: int = 60, idle_timeout_s: float | None = 30.0,
-                 metrics: Recorder = NO_METRICS):
+                 metrics: Recorder = NO_METRICS, pool=None):
+        self.pool = pool
         self.holder = holder
         self.limits = limits or InputLimits()
         self.idle_timeout_s = idle_timeout_s
@@ -176,47 +189,83 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
               f"{cands or 'none'}; pass a skill id or rephrase")
 
     # -- the episode stream -------------------------------------------------------------------
-    def Episode(self, request_iterator, context):
+    async def _run(self, fn, *args):
+        """``fn(*args)`` in the servicer's pool (whatever may block must not run on the loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def Episode(self, request_iterator, context):
+        """The bidirectional episode stream (read and written through ``context``)."""
         # the whole episode runs on the engine it started on, whatever reloads happen meanwhile
         with self._pinned(context) as engine:
+            stream = EpisodeStream(self.idle_timeout_s)
             try:
-                self.slots.enter()
+                self.slots.enter(stream)
             except EpisodeRefused as e:
                 code = (grpc.StatusCode.UNAVAILABLE if e.reason == "draining"
                         else grpc.StatusCode.RESOURCE_EXHAUSTED)
                 abort(context, code, str(e))
-            inbox = Inbox(request_iterator)
+            opened: list = []  # the EpisodeStarted sent, for the metrics of its end
+            outcome = "unknown"
             try:
-                yield from self.metrics.episode(self._episode(engine, inbox, context), context)
+                await self._episode(engine, stream, context, opened)
+                outcome = COMPLETED
+            except asyncio.CancelledError:
+                if stream.verdict is None:  # the client cancelled or went away
+                    outcome = "cancelled"
+                    raise
+                code, message = stream.verdict  # the idle timer or the drain ended it
+                outcome = code.name.lower()
+                raise Abort(code, message) from None
+            except Abort as e:
+                outcome = e.code.name.lower()
+                raise
             finally:
-                inbox.close()
-                self.slots.leave()
+                self.slots.leave(stream)
+                if opened:
+                    self.metrics.closed(opened[0], outcome)
 
-    def _next(self, inbox: Inbox, context, waiting_for: str):
-        """The next request of the stream, or None when the client ended it; aborts on idle
-        timeout (DEADLINE_EXCEEDED), shutdown (UNAVAILABLE) and undecodable bytes."""
-        item = inbox.get(self.idle_timeout_s, self.slots.shutdown)
-        if item is IDLE:
-            abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                  f"episode: no {waiting_for} within {self.idle_timeout_s:g}s (the server's idle "
-                  "limit per episode); episode ended, open a new one")
-        if item is SHUTDOWN:
-            abort(context, grpc.StatusCode.UNAVAILABLE,
-                  "server is shutting down; the episode was ended after the drain grace period "
-                  "(retry on another server)")
-        if item is EOF or isinstance(item, StreamGone):
+    async def _next(self, stream: EpisodeStream, context, waiting_for: str):
+        """The next request of the stream, or None when the client half-closed it; the idle
+        timeout and the drain end the episode through ``stream`` (see streams.py); undecodable
+        bytes are INVALID_ARGUMENT."""
+        item = await stream.read(context, waiting_for)
+        if item is grpc.aio.EOF:
             return None
         if isinstance(item, Undecodable):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, item.details())
         return item
 
-    def _open(self, engine, inbox: Inbox, context):
-        """Reads and checks EpisodeStart -> (start, chunk length, EpisodeStarted response,
-        skill), or None when the client closed without starting."""
-        spec = engine.spec
-        first = self._next(inbox, context, "EpisodeStart")
+    async def _episode(self, engine, stream: EpisodeStream, context, opened: list) -> None:
+        first = await self._next(stream, context, "EpisodeStart")
         if first is None:
-            return None
+            return
+        start, chunk_len, started, skill = await self._run(self._open, engine, first, context)
+        await context.write(started)
+        opened.append(started.started)
+        self.metrics.opened(started.started)
+        episode_id, instruction = started.started.episode_id, start.instruction
+        i = 0
+        while True:
+            req = await self._next(stream, context, "Observation or EpisodeEnd")
+            i += 1
+            if req is None:
+                return
+            kind = req.WhichOneof("msg")
+            if kind == "end":
+                return
+            if kind != "observation":
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"message {i}: {kind or 'empty message'} after the episode started "
+                      "(send observations or EpisodeEnd)")
+            resp = await self._run(self._step, engine, req.observation, time.time(),
+                                   instruction, episode_id, skill, chunk_len)
+            await context.write(resp)
+            self.metrics.step(resp.chunk)
+
+    def _open(self, engine, first, context):
+        """Checks EpisodeStart (in the pool: routing may run a model) -> (start, chunk length,
+        EpisodeStarted response, skill)."""
+        spec = engine.spec
         kind = first.WhichOneof("msg")
         if kind != "start":
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -243,37 +292,25 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             notes=notes))
         return start, chunk_len, started, skill
 
-    def _episode(self, engine, inbox: Inbox, context):
-        opened = self._open(engine, inbox, context)
-        if opened is None:
-            return
-        start, chunk_len, started, skill = opened
-        yield started
-        i = 0
-        while True:
-            req = self._next(inbox, context, "Observation or EpisodeEnd")
-            i += 1
-            if req is None:
-                return
-            kind = req.WhichOneof("msg")
-            if kind == "end":
-                return
-            if kind != "observation":
-                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                      f"message {i}: {kind or 'empty message'} after the episode started "
-                      "(send observations or EpisodeEnd)")
-            received = time.time()
-            notes: list[str] = []
-            obs = self._observation(engine, req.observation, "observation", start.instruction,
-                                    context, notes)
-            # backends with per-episode state (diffusion's observation queues) key it by this id
-            obs.episode_ids = [started.started.episode_id]
-            t0 = time.perf_counter()
-            actions = self._infer(engine, obs, skill, context)
-            yield pb.EpisodeResponse(chunk=pb.ActionChunk(
-                step=req.observation.step, actions=encode_tensor(actions[:chunk_len]),
-                server_received_time=received, server_done_time=time.time(),
-                inference_ms=(time.perf_counter() - t0) * 1e3, notes=notes))
+    def _step(self, engine, msg: pb.Observation, received: float, instruction: str,
+              episode_id: str, skill, chunk_len: int) -> pb.EpisodeResponse:
+        """One observation -> its ActionChunk response (in the pool: decoding and inference
+        block). ``received``: when the message was read, unix seconds."""
+        notes: list[str] = []
+        obs = self._observation(engine, msg, "observation", instruction, None, notes)
+        # backends with per-episode state (diffusion's observation queues) key it by this id
+        obs.episode_ids = [episode_id]
+        t0 = time.perf_counter()
+        actions = self._infer(engine, obs, skill, None)
+        resp = pb.EpisodeResponse()
+        chunk = resp.chunk
+        chunk.step = msg.step
+        fill_tensor(chunk.actions, actions[:chunk_len])  # in place: no sub-message copy
+        chunk.server_received_time = received
+        chunk.server_done_time = time.time()
+        chunk.inference_ms = (time.perf_counter() - t0) * 1e3
+        chunk.notes.extend(notes)
+        return resp
 
     def _infer(self, engine, obs, skill, context) -> np.ndarray:
         return np.asarray(self._engine_call(context, "inference", engine.infer, obs, skill),
@@ -302,7 +339,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             abort(context, grpc.StatusCode.INTERNAL, f"{what} failed: {type(e).__name__}: {e}")
 
     # -- unary calls --------------------------------------------------------------------------
-    def ListSkills(self, request, context):
+    async def ListSkills(self, request, context):
         with self._pinned(context) as engine:
             return self._list_skills(engine)
 
@@ -314,9 +351,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     for s in engine.skills()],
             state_version=engine.info().get("state_version", ""))
 
-    def Route(self, request, context):
+    async def Route(self, request, context):
         with self._pinned(context) as engine:
-            return self._route(engine, request, context)
+            return await self._run(self._route, engine, request, context)
 
     def _route(self, engine, request, context):
         if not request.instruction.strip():
@@ -327,7 +364,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         return decision_to_proto(self._engine_call(context, "routing", engine.route,
                                                    request.instruction, obs))
 
-    def ServerInfo(self, request, context):
+    async def ServerInfo(self, request, context):
         with self._pinned(context) as engine:
             return self._server_info(engine)
 
@@ -345,9 +382,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             extra={k: str(v) for k, v in info.items()
                    if k not in ("backend", "mode", "state_version", "router")})
 
-    def Reload(self, request, context):
+    async def Reload(self, request, context):
         """Admin: switch new episodes to ``request.version`` (default CURRENT); see reload.py."""
         check_admin_token(context, self.admin_token)
+        return await self._run(self._reload, request, context)
+
+    def _reload(self, request, context):
         if self.reloader is None:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   "this server serves no merge state (started without --state): nothing to "

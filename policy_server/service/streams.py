@@ -1,82 +1,64 @@
 """Bounded episode streams: a cap on concurrent episodes, a per-stream idle timeout, and a drain
 that can end running episodes with a status of the server's choosing.
 
-grpc's synchronous server gives an Episode handler a blocking request iterator with no timeout and
-no way to wake it, so an idle robot would hold its worker thread forever and a draining server
-could only end it by cancelling (the client then sees CANCELLED, which it does not retry). An
-:class:`Inbox` moves the stream's requests into a small queue on a daemon thread; the handler waits
-on that queue with a timeout and is woken by :class:`EpisodeSlots` when the drain's grace ends,
-and answers DEADLINE_EXCEEDED or UNAVAILABLE itself.
+The server runs on grpc.aio, so an episode is a task on one event loop that reads its stream with
+``await context.read()``. An idle robot therefore holds no thread, and a waiting handler can be
+woken: :class:`EpisodeStream` arms a timer for each read (the idle timeout) and the drain calls
+:meth:`EpisodeSlots.end_all`; either one cancels the handler's task with a *verdict*, and the
+handler answers DEADLINE_EXCEEDED or UNAVAILABLE itself (a client cancelling its call also
+cancels the task, with no verdict: that one just ends).
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
 import time
 
-EOF = object()        # the client half-closed the stream
-IDLE = object()       # nothing arrived within the idle timeout
-SHUTDOWN = object()   # the server's drain grace ended
-_SLICE_S = 0.25       # how often a waiting handler looks at the shutdown flag
-_DEPTH = 4            # requests read ahead of the handler (grpc flow control holds the rest)
+import grpc
 
 
-class StreamGone:
-    """The client cancelled the stream or the connection broke (``error``: the RpcError)."""
+class EpisodeStream:
+    """One running episode's task on the server's loop, and why the server ended it.
 
-    def __init__(self, error: BaseException):
-        self.error = error
+    ``verdict``: None, or (status code, message) once the idle timer or the drain cancelled the
+    task; the handler turns a cancellation with a verdict into that status."""
 
+    __slots__ = ("loop", "task", "verdict", "waiting_for", "idle_s")
 
-class Inbox:
-    """The requests of one stream, read on a daemon thread into a queue of :data:`_DEPTH`."""
+    def __init__(self, idle_s: float | None):
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.verdict: tuple[grpc.StatusCode, str] | None = None
+        self.waiting_for = ""
+        self.idle_s = idle_s
 
-    def __init__(self, request_iterator):
-        self._q: queue.Queue = queue.Queue(maxsize=_DEPTH)
-        self._closed = threading.Event()
-        self._reader = threading.Thread(target=self._pump, args=(request_iterator,),
-                                        name="carve-stream-reader", daemon=True)
-        self._reader.start()
-
-    def _put(self, item) -> bool:
-        # bounded wait per try, so a reader whose handler has gone does not block forever
-        while not self._closed.is_set():
-            try:
-                self._q.put(item, timeout=_SLICE_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _pump(self, request_iterator) -> None:
+    async def read(self, context, waiting_for: str):
+        """``await context.read()`` bounded by the idle timeout (a timer handle per read: no
+        task, no thread)."""
+        if self.idle_s is None:
+            return await context.read()
+        self.waiting_for = waiting_for
+        timer = self.loop.call_later(self.idle_s, self._idle)
         try:
-            for req in request_iterator:
-                if not self._put(req):
-                    return
-        except Exception as e:  # noqa: BLE001 - grpc.RpcError when the client cancels
-            self._put(StreamGone(e))
-            return
-        self._put(EOF)
+            return await context.read()
+        finally:
+            timer.cancel()
 
-    def get(self, timeout: float | None, shutdown: threading.Event):
-        """The next request, :data:`EOF`, a :class:`StreamGone`, :data:`IDLE` after ``timeout``
-        seconds (None: no limit) or :data:`SHUTDOWN` once ``shutdown`` is set."""
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if shutdown.is_set():
-                return SHUTDOWN
-            wait = _SLICE_S if end is None else min(_SLICE_S, end - time.monotonic())
-            if wait <= 0:
-                return IDLE
-            try:
-                return self._q.get(timeout=wait)
-            except queue.Empty:
-                continue
+    def _idle(self) -> None:
+        self.end(grpc.StatusCode.DEADLINE_EXCEEDED,
+                 f"episode: no {self.waiting_for} within {self.idle_s:g}s (the server's idle "
+                 "limit per episode); episode ended, open a new one")
 
-    def close(self) -> None:
-        """The handler is done: let the reader thread end (it exits with the RPC)."""
-        self._closed.set()
+    def end(self, code: grpc.StatusCode, message: str) -> None:
+        """End the episode with ``code`` (call on the loop): cancel its task with a verdict."""
+        if self.verdict is None and not self.task.done():
+            self.verdict = (code, message)
+            self.task.cancel()
+
+
+SHUTDOWN_MESSAGE = ("server is shutting down; the episode was ended after the drain grace "
+                    "period (retry on another server)")
 
 
 class EpisodeRefused(Exception):
@@ -88,8 +70,9 @@ class EpisodeRefused(Exception):
 
 
 class EpisodeSlots:
-    """Counts running episodes against ``limit``; ``drain`` refuses new ones, ``end_all`` wakes
-    the running ones (their handlers answer UNAVAILABLE)."""
+    """Counts running episodes against ``limit``; ``drain`` refuses new ones, ``end_all`` ends
+    the running ones (their handlers answer UNAVAILABLE). Thread-safe: episodes enter and leave
+    on the server's loop, the drain runs in the thread that stops the server."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -97,14 +80,16 @@ class EpisodeSlots:
         self._active = 0
         self._draining = False
         self._cond = threading.Condition()
+        self._streams: set[EpisodeStream] = set()
 
     @property
     def active(self) -> int:
         return self._active
 
-    def enter(self) -> None:
-        """Take a slot, or raise :class:`EpisodeRefused` (checked under the same lock as the
-        drain flag, so no episode starts after the drain saw zero running)."""
+    def enter(self, stream: EpisodeStream | None = None) -> None:
+        """Take a slot for ``stream`` (None: count only), or raise :class:`EpisodeRefused`
+        (checked under the same lock as the drain flag, so no episode starts after the drain
+        saw zero running)."""
         with self._cond:
             if self._draining:
                 raise EpisodeRefused("draining", "server is shutting down; not accepting new "
@@ -113,11 +98,14 @@ class EpisodeSlots:
                 raise EpisodeRefused("full", f"server is at its limit of {self.limit} "
                                              "concurrent episodes; retry later")
             self._active += 1
+            if stream is not None:
+                self._streams.add(stream)
 
-    def leave(self) -> None:
-        """Give a slot back."""
+    def leave(self, stream: EpisodeStream | None = None) -> None:
+        """Give ``stream``'s slot back."""
         with self._cond:
             self._active -= 1
+            self._streams.discard(stream)
             self._cond.notify_all()
 
     def drain(self) -> None:
@@ -137,5 +125,16 @@ class EpisodeSlots:
         return True
 
     def end_all(self) -> None:
-        """Wake every waiting episode handler with :data:`SHUTDOWN`."""
+        """End every running episode with UNAVAILABLE (from any thread): each one's task is
+        cancelled on its loop with that verdict, whether it waits for a message or for its
+        inference."""
         self.shutdown.set()
+        with self._cond:
+            streams = list(self._streams)
+        for st in streams:
+            try:
+                st.loop.call_soon_threadsafe(st.end, grpc.StatusCode.UNAVAILABLE,
+                                             SHUTDOWN_MESSAGE)
+            except RuntimeError:  # the loop is closed: nothing runs there any more
+                pass
+

@@ -1,11 +1,16 @@
-"""How PolicyService is registered with grpc: request deserializers that never raise, and status
-messages of bounded length.
+"""How PolicyService is registered with grpc.aio: request deserializers that never raise, status
+messages of bounded length, and the one way a handler ends a call with a status (:class:`Abort`).
 
 grpc's generated ``add_PolicyServiceServicer_to_server`` deserializes with ``FromString``; when that
 raises, grpc answers INTERNAL "Exception deserializing request!" and, for a stream, leaves the
 call half-finished so that ``server.stop(grace).wait()`` never returns (reproduced with ~25 such
 streams). Here the deserializer returns an :class:`Undecodable` marker instead and the servicer
 answers INVALID_ARGUMENT naming the message type, through the normal path.
+
+Handlers (and the synchronous helpers they run, on the event loop or in the servicer's thread
+pool) end a call by raising :class:`Abort` (``abort(...)``); the wrappers here turn it into
+grpc.aio's ``await context.abort``, which cannot be called from a worker thread or a plain
+function.
 """
 
 from __future__ import annotations
@@ -50,23 +55,47 @@ def bounded(details: str) -> str:
     return f"{details[:MAX_DETAILS - 30]}... ({len(details)} chars in all)"
 
 
+class Abort(Exception):
+    """End the current call with ``code`` and the (bounded) ``details``: raised anywhere below a
+    handler, turned into ``context.abort`` by the wrappers of :func:`policy_service_handler`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, bounded(details)
+
+
 def abort(context, code: grpc.StatusCode, details: str):
-    """``context.abort`` with a bounded message (raises)."""
-    context.abort(code, bounded(details))
+    """Raise :class:`Abort` with a bounded message (``context``: the call's, unused; kept so
+    the call sites read as grpc's ``context.abort``)."""
+    raise Abort(code, details)
 
 
 def _unary(fn):
-    def handle(request, context):
-        if isinstance(request, Undecodable):
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.details())
-        return fn(request, context)
+    async def handle(request, context):
+        try:
+            if isinstance(request, Undecodable):
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, request.details())
+            return await fn(request, context)
+        except Abort as e:
+            await context.abort(e.code, e.details)
+
+    return handle
+
+
+def _stream(fn):
+    async def handle(request_iterator, context):
+        try:
+            await fn(request_iterator, context)
+        except Abort as e:
+            await context.abort(e.code, e.details)
 
     return handle
 
 
 def policy_service_handler(servicer) -> grpc.GenericRpcHandler:
-    """The generic handler serving ``servicer`` (a ``PolicyServiceServicer``) for every method
-    of ``carve.policy.v1.PolicyService``, with :func:`safe_deserializer` request parsing. Unary
+    """The generic handler serving ``servicer`` (coroutine methods named as the RPCs; Episode
+    reads and writes through its context) for every method of ``carve.policy.v1.PolicyService``
+    on a grpc.aio server, with :func:`safe_deserializer` request parsing. Unary
     methods answer an undecodable request with INVALID_ARGUMENT here; ``Episode`` receives the
     :class:`Undecodable` marker in its request stream and answers the same."""
     handlers = {}
@@ -77,7 +106,7 @@ def policy_service_handler(servicer) -> grpc.GenericRpcHandler:
         kw = {"request_deserializer": safe_deserializer(req_cls),
               "response_serializer": resp_cls.SerializeToString}
         if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(fn, **kw)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream(fn), **kw)
         elif not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary(fn), **kw)
         else:  # the proto has no such methods today; refuse to serve one silently wrong

@@ -22,40 +22,51 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from carve_client.channel import RETRY_CODES, ClientConnection, retry_delays
-from carve_client.codec import observation_proto
+from carve_client.codec import fill_observation, observation_proto
 from carve_client.errors import PolicyError
 from carve_client.messages import (EpisodeInfo, episode_start, route_dict, server_info_from_proto,
                                    skills_from_proto)
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
 
-_END = object()  # the server finished the response stream
 # Opening an episode is also retried on CANCELLED: a server that shuts down answers new episodes
 # UNAVAILABLE, but a call in flight at the very instant grpc's core stops is cancelled by the core
 # before any handler sees it. Before EpisodeStarted nothing has happened, so a retry is safe.
 EPISODE_OPEN_RETRY_CODES = (*RETRY_CODES, grpc.StatusCode.CANCELLED)
+# That window lasts as long as the server's grpc core takes to stop (tens of ms, more on a loaded
+# host), so a retry after CANCELLED waits at least this long: it then reaches either a server
+# still refusing with UNAVAILABLE or a closed port (UNAVAILABLE too), not the same window again.
+CANCELLED_RETRY_MIN_S = 0.1
 
 
 class Episode(EpisodeInfo):
     """One open episode on a bidirectional stream. Use through ``PolicyClient.episode``.
 
-    grpc's blocking stream iterator has no per-message deadline, so a reader thread moves the
-    responses into a queue and every wait on it is bounded by ``timeout`` seconds (None = forever).
-    A deadline miss cancels the stream: the episode is then closed, since a late answer could no
-    longer be matched to its observation.
+    Responses are read in the calling thread (``next`` on grpc's stream: no hand-off through a
+    reader thread and a queue, which cost more than the whole gRPC round trip on a small
+    machine). grpc's blocking stream iterator has no per-message deadline, so a watchdog thread
+    per episode cancels the stream when a wait outlives ``timeout`` seconds (None = forever); it
+    sleeps until the pending wait's deadline and never wakes per step. A deadline miss closes the
+    episode, since a late answer could no longer be matched to its observation.
     """
 
     def __init__(self, stub, metadata, start: pb.EpisodeStart, timeout: float | None):
-        self._requests: queue.Queue = queue.Queue()
+        # SimpleQueue: grpc's request-consumer thread blocks in get(); the C queue is the
+        # cheapest hand-off to it
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put(pb.EpisodeRequest(start=start))
-        self._responses: queue.Queue = queue.Queue()
         self._timeout = timeout
         self._step = 0
         self._closed = False
+        self._expired = False      # the watchdog cancelled the stream on a missed deadline
+        self._pending: tuple[float] | None = None  # (deadline,) of the wait in progress
+        self._stop_watch = threading.Event()
         self.last_timing: dict = {}
         self._call = stub.Episode(iter(self._requests.get, None), metadata=metadata)
-        self._reader = threading.Thread(target=self._read_responses, daemon=True,
-                                        name="carve-episode-reader")
-        self._reader.start()
+        self._watchdog = None
+        if timeout is not None:
+            self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                              name="carve-episode-watchdog")
+            self._watchdog.start()
         try:
             self._set_started(self._next("EpisodeStarted"))
         except PolicyError:
@@ -63,31 +74,53 @@ class Episode(EpisodeInfo):
                 self._shut(cancel=True)
             raise
 
-    def _read_responses(self) -> None:
-        try:
-            for resp in self._call:
-                self._responses.put(resp)
-            self._responses.put(_END)
-        except grpc.RpcError as e:
-            self._responses.put(e)
+    def _watch(self) -> None:
+        """Cancel the stream when the pending wait passes its deadline (see the class doc)."""
+        while not self._stop_watch.is_set():
+            pending = self._pending
+            now = time.monotonic()
+            if pending is None:
+                self._stop_watch.wait(self._timeout)
+                continue
+            if now < pending[0]:
+                self._stop_watch.wait(pending[0] - now)
+                continue
+            if self._pending is pending:  # the same wait is still in progress: it missed
+                self._expired = True
+                self._call.cancel()
+                return
 
     def _shut(self, cancel: bool) -> None:
         self._closed = True
-        self._requests.put(None)  # unblock grpc's request-consumer thread
+        self._requests.put(None)  # ends grpc's request-consumer thread
         if cancel:
             self._call.cancel()
+        self._stop_watch.set()
+
+    def _receive(self):
+        """The next response, None at the end of the stream; raises grpc.RpcError. The wait is
+        bounded by the watchdog."""
+        if self._timeout is not None:
+            self._pending = (time.monotonic() + self._timeout,)
+        try:
+            return next(self._call)
+        except StopIteration:
+            return None
+        finally:
+            self._pending = None
 
     def _next(self, waiting_for: str) -> pb.EpisodeResponse:
         try:
-            item = self._responses.get(timeout=self._timeout)
-        except queue.Empty:
-            self._shut(cancel=True)
-            raise PolicyError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"no {waiting_for} from the server within {self._timeout}s") from None
-        if isinstance(item, grpc.RpcError):
+            item = self._receive()
+        except grpc.RpcError as e:
+            if self._expired:
+                self._shut(cancel=False)
+                raise PolicyError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no {waiting_for} from the server within "
+                                  f"{self._timeout}s") from None
             self._shut(cancel=False)
-            raise PolicyError.from_rpc(item)
-        if item is _END:
+            raise PolicyError.from_rpc(e) from None
+        if item is None:
             self._shut(cancel=False)
             raise PolicyError(grpc.StatusCode.UNAVAILABLE, "server closed the episode")
         return item
@@ -102,8 +135,9 @@ class Episode(EpisodeInfo):
         if self._closed:
             raise PolicyError(grpc.StatusCode.FAILED_PRECONDITION, "episode is closed")
         t0 = time.perf_counter()
-        self._requests.put(pb.EpisodeRequest(
-            observation=observation_proto(state, images, self._step, encode)))
+        req = pb.EpisodeRequest()
+        fill_observation(req.observation, state, images, self._step, encode)
+        self._requests.put(req)
         actions, inference_ms = self._take_chunk(self._next("ActionChunk"))
         self._step += 1
         self.last_timing = {"round_trip_ms": (time.perf_counter() - t0) * 1e3,
@@ -115,10 +149,14 @@ class Episode(EpisodeInfo):
         if self._closed:
             return
         self._requests.put(pb.EpisodeRequest(end=pb.EpisodeEnd(reason=reason)))
-        self._shut(cancel=False)
-        self._reader.join(self._timeout)  # drain so the server sees a clean end
-        if self._reader.is_alive():
-            self._call.cancel()
+        self._requests.put(None)  # half-close: the server sees the end of the request stream
+        self._closed = True
+        try:  # drain so the server's status arrives and the stream ends cleanly
+            while self._receive() is not None:
+                pass
+        except grpc.RpcError:
+            pass  # ended with a status (or cancelled by the watchdog): the episode is over
+        self._stop_watch.set()
 
     def __enter__(self) -> "Episode":
         return self
@@ -146,6 +184,8 @@ class PolicyClient(ClientConnection):
                 err = e
             if err.code not in codes or delay is None:
                 raise err
+            if err.code == grpc.StatusCode.CANCELLED:
+                delay = max(delay, CANCELLED_RETRY_MIN_S)
             time.sleep(delay)
 
     def _unary(self, method, request):

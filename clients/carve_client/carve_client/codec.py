@@ -21,6 +21,11 @@ from carve_client.spec import ImageSpec, PolicySpec
 DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "uint8": np.uint8,
           "int32": np.int32, "int64": np.int64}
 MAX_IMAGE_PIXELS = 4096 * 4096
+# per wire dtype name: (little-endian dtype as on the wire, the native dtype decoded to), and per
+# native dtype its wire name; built once, since numpy's dtype construction and ``dtype.name`` cost
+# microseconds on every step otherwise
+_WIRE = {k: (np.dtype(v).newbyteorder("<"), np.dtype(v)) for k, v in DTYPES.items()}
+_NAME = {np.dtype(v): k for k, v in DTYPES.items()}
 IMAGE_ENCODINGS = ("raw", "jpeg", "png")
 
 
@@ -56,6 +61,24 @@ def encode_tensor(arr: np.ndarray) -> pb.Tensor:
     return pb.Tensor(data=arr.tobytes(), dtype=name, shape=list(arr.shape))
 
 
+def fill_tensor(t: pb.Tensor, arr: np.ndarray) -> None:
+    """Write ``arr`` into the (empty) Tensor message ``t`` in place, as :func:`encode_tensor`
+    would encode it. Filling the field of the enclosing message directly saves the copies that
+    assigning a built sub-message makes (each one copies the tensor's bytes)."""
+    arr = np.asarray(arr)
+    name = _NAME.get(arr.dtype)
+    if name is None:  # another dtype, or a non-native byte order of an allowed one
+        name = arr.dtype.name
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name} cannot travel; use one of {sorted(DTYPES)}")
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    elif _WIRE[name][0] != arr.dtype:  # a big-endian machine
+        arr = arr.astype(_WIRE[name][0])
+    t.data = arr.tobytes()  # C order, whatever the array's layout
+    t.dtype = name
+    t.shape.extend(arr.shape)
+
+
 MAX_TENSOR_DIMS = 8
 _ECHO = 48  # characters of a client-supplied value echoed back in an error message
 
@@ -74,19 +97,22 @@ def decode_tensor(t: pb.Tensor, field: str) -> np.ndarray:
     The element count is computed with Python integers (never an overflowing int64 product) and
     checked against the byte length before any array is made, so a shape with no data behind it
     costs nothing."""
-    if t.dtype not in DTYPES:
+    dts = _WIRE.get(t.dtype)
+    if dts is None:
         raise _bad(field, f"unsupported dtype {echo(t.dtype)} (use one of {sorted(DTYPES)})")
+    dt, native = dts
     shape = list(t.shape)
     if len(shape) > MAX_TENSOR_DIMS:
         raise _bad(field, f"{len(shape)} dimensions (at most {MAX_TENSOR_DIMS})")
     if any(s < 0 for s in shape):
         raise _bad(field, f"negative dimension in shape {echo(shape)}")
-    dt = np.dtype(DTYPES[t.dtype]).newbyteorder("<")
     n = math.prod(shape)
-    if len(t.data) != n * dt.itemsize:
-        raise _bad(field, f"{len(t.data)} bytes do not match shape {echo(shape)} of {t.dtype} "
+    data = t.data  # each read of a bytes field copies it out of the message: read it once
+    if len(data) != n * dt.itemsize:
+        raise _bad(field, f"{len(data)} bytes do not match shape {echo(shape)} of {t.dtype} "
                           f"({n * dt.itemsize} bytes expected)")
-    return np.frombuffer(t.data, dtype=dt).reshape(tuple(shape)).astype(dt.newbyteorder("="))
+    # a writable array the caller owns (frombuffer alone would be a read-only view of ``data``)
+    return np.frombuffer(data, dtype=dt).reshape(tuple(shape)).astype(native)
 
 
 def encode_image(img: np.ndarray, encode: str = "raw", quality: int = 90) -> pb.Image:
@@ -217,10 +243,30 @@ def observation_proto(state: np.ndarray, images: dict[str, np.ndarray] | None, s
                       encode: str = "raw") -> pb.Observation:
     """Observation message. state: (state_dim,) float (sent as float32); images: camera key ->
     uint8 (H, W, C) RGB; encode: "raw", "jpeg" or "png"."""
-    return pb.Observation(
-        step=step, client_time=time.time(),
-        state=encode_tensor(np.asarray(state, dtype=np.float32)),
-        images={k: encode_image(v, encode) for k, v in (images or {}).items()})
+    msg = pb.Observation()
+    fill_observation(msg, state, images, step, encode)
+    return msg
+
+
+def fill_observation(msg: pb.Observation, state: np.ndarray,
+                     images: dict[str, np.ndarray] | None, step: int,
+                     encode: str = "raw") -> None:
+    """Write an observation into the (empty) Observation message ``msg`` in place (arguments as
+    :func:`observation_proto`); the clients fill the field of their request message so that an
+    image's bytes are copied once (``tobytes``), not once more per enclosing message."""
+    msg.step = step
+    msg.client_time = time.time()
+    fill_tensor(msg.state, np.asarray(state, dtype=np.float32))
+    for key, img in (images or {}).items():
+        img = np.asarray(img)
+        if encode != "raw":
+            msg.images[key].CopyFrom(encode_image(img, encode))
+            continue
+        if img.dtype != np.uint8 or img.ndim != 3:
+            raise ValueError(f"images must be uint8 HWC, got {img.dtype} {img.shape}")
+        slot = msg.images[key]
+        slot.format = "raw"
+        fill_tensor(slot.raw, img)
 
 
 def spec_to_proto(spec: PolicySpec) -> pb.ActionSpec:

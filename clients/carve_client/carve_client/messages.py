@@ -51,7 +51,10 @@ def chunk_from_response(resp: pb.EpisodeResponse) -> tuple[np.ndarray, float]:
     the server's inference_ms); PolicyError(INTERNAL) for any other message."""
     if resp.WhichOneof("msg") != "chunk":
         raise PolicyError(grpc.StatusCode.INTERNAL, "expected an ActionChunk")
-    return decode_tensor(resp.chunk.actions, "actions").astype(np.float32), resp.chunk.inference_ms
+    actions = decode_tensor(resp.chunk.actions, "actions")  # a fresh, writable array
+    if actions.dtype != np.float32:
+        actions = actions.astype(np.float32)
+    return actions, resp.chunk.inference_ms
 
 
 class EpisodeInfo:

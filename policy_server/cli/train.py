@@ -12,7 +12,13 @@ def register(sub) -> None:
         description="Collect scripted Meta-World demonstrations, pretrain the demo VLA base on the "
                     "base tasks and fine-tune one expert per suite (full or PEFT LoRA). Cached "
                     "under $CARVE_CACHE_DIR (default ~/.cache/carve-serve) by a hash of the preset.")
-    p.add_argument("--preset", default="demo", help="demo (~90 s) or bench (~30 min); default demo")
+    p.add_argument("--preset", default="demo",
+                   help="demo (~90 s), bench (~30 min) or stream (10 experts, ~50 min); see "
+                        "policy_server/sim/suites.py; default demo")
+    p.add_argument("--family", choices=("demo", "act"), default="demo",
+                   help="model family: the project's demo VLA (default) or LeRobot ACT "
+                        "policies (policy_server/training/act_factory.py; full fine-tunes, "
+                        "no --lora/--eval)")
     p.add_argument("--out", default=None, help="output directory (default: under the cache dir)")
     p.add_argument("--lora", action="store_true", help="write experts as PEFT LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: the preset's)")
@@ -30,12 +36,25 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.lora_rank is not None and args.lora_rank < 1:
         raise InputError(f"--lora-rank must be >= 1, got {args.lora_rank}")
-    res = build_factory(args.preset, out=args.out, lora=args.lora, force=args.force,
-                        lora_rank=args.lora_rank, eval_episodes=args.eval)
+    if args.family == "act":
+        # the ACT factory writes full fine-tunes only and has no built-in evaluation (the
+        # closed-loop benchmark evaluates it through the server); refuse rather than ignore
+        bad = [f for f, v in (("--lora", args.lora), ("--lora-rank", args.lora_rank),
+                              ("--eval", args.eval)) if v not in (None, False)]
+        if bad:
+            raise InputError(f"{', '.join(bad)}: not available with --family act")
+        from policy_server.training.act_factory import build_act_factory
+
+        res = build_act_factory(args.preset, out=args.out, force=args.force, progress=True)
+    else:
+        res = build_factory(args.preset, out=args.out, lora=args.lora, force=args.force,
+                            lora_rank=args.lora_rank, eval_episodes=args.eval)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"factory {res['preset']} ({res['hash']}): {res['out']}  [{res['total_seconds']:.1f} s]")
+    fam = "act " if res.get("family") == "act" else ""
+    print(f"factory {fam}{res['preset']} ({res['hash']}): {res['out']}  "
+          f"[{res['total_seconds']:.1f} s]")
     b = res["base"]
     print(f"  base    {b['dir']}  loss {b['losses']['first']:.3f} -> {b['losses']['last']:.3f}")
     for e in res["experts"]:

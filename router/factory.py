@@ -15,9 +15,11 @@ config (a dict; every key optional):
 Routers never get the runtime or the backend ('runtime'/'backend' keys are refused).
   vsubspace_key     which stored value projection to use (exact or glob) when several
   vsubspace_temperature, vsubspace_min_confidence, vsubspace_min_margin
-  observation       hybrid's observation scorer: "vsubspace" | "prototypes" | "auto" (default:
-                    vsubspace when the skills have bases and a model is given, else prototypes)
-  text_weight, obs_temperature   hybrid weighting (see router.hybrid)
+  observation       hybrid's observation scorer: "vsubspace" | "descriptor" | "prototypes" |
+                    "auto" (default: vsubspace when the skills have bases and a model is given,
+                    else first-frame descriptors (router.descriptor) when stored, else prototypes)
+  text_weight, obs_temperature   hybrid weighting (see router.hybrid); obs_temperature is the
+                    temperature of whichever observation scorer is used (each has its default)
 """
 
 from __future__ import annotations
@@ -114,15 +116,25 @@ def build_router(kind: str, snapshot, config: dict | None = None) -> Router:
                     raise InputError("hybrid router with observation='vsubspace' needs the served "
                                      "model (config 'capture' or 'feature_fn')")
                 scorer = None
+        opts = {"temperature": config["obs_temperature"]} if config.get("obs_temperature") \
+            else {}
+        if scorer is None and which in ("descriptor", "auto"):
+            from router.descriptor import DescriptorScorer
+
+            try:
+                scorer = DescriptorScorer.from_snapshot(snapshot, **opts)
+            except InputError as e:
+                if which == "descriptor":
+                    raise StateError("hybrid router with observation='descriptor' needs first-"
+                                     "frame descriptors stored at admission "
+                                     f"(ObservationDescriptorHook) ({e})") from e
         if scorer is None:
-            opts = {"temperature": config["obs_temperature"]} if config.get("obs_temperature") \
-                else {}
             try:
                 scorer = ObservationPrototypeScorer.from_snapshot(snapshot, **opts)
             except InputError as e:
                 raise StateError("the hybrid router needs observation data: value-subspace bases "
-                                 "(with the served model) or demonstration-frame prototypes "
-                                 f"stored at admission ({e})") from e
+                                 "(with the served model), first-frame descriptors or "
+                                 f"demonstration-frame prototypes stored at admission ({e})") from e
         def opt(k):
             return DEFAULTS[k] if config.get(k) is None else config[k]
 

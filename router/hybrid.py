@@ -4,7 +4,10 @@ For instructions text alone cannot separate (two skills registered with the same
 the plate" but trained in different scenes), the first observation decides. The observation score
 comes from either
 
-* ``VSubspaceRouter`` (value-subspace affinity of the hidden states, needs the served model), or
+* ``VSubspaceRouter`` (value-subspace affinity of the hidden states, needs the served model),
+* ``router.descriptor.DescriptorScorer``: the model-free first-frame descriptor (colour layout +
+  colour histogram) of frames registered at admission by ``ObservationDescriptorHook``, for bases
+  without pretrained vision (LIBERO per-task routing: bench/routing/bench_libero_frames.py), or
 * ``ObservationPrototypeScorer``: per-skill prototypes of simple observation features (state vector
   plus 8x8 thumbnails of every camera) collected at admission from demonstration frames and stored
   as the artifact ``router::obs::prototypes`` (n, f) float32.
@@ -135,7 +138,8 @@ class HybridRouter(Router):
     """Text router x observation scorer, log-linear pooled (see the module docstring).
 
     text_router: a ``TextRouter``; obs_scorer: anything with ``probabilities(observation) ->
-    dict[skill, float]`` (``VSubspaceRouter``, ``ObservationPrototypeScorer``). Skills the scorer
+    dict[skill, float]`` (``VSubspaceRouter``, ``DescriptorScorer``,
+    ``ObservationPrototypeScorer``). Skills the scorer
     does not know get a uniform observation probability. Without an observation the decision is
     the text router's (reason says so).
     """

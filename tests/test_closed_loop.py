@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from bench.closed_loop import report
+from bench.closed_loop import report, stats
 from bench.closed_loop.methods import REGISTRY, parse_label, resolve  # noqa: E402
 from policy_server.errors import InputError  # noqa: E402
 
@@ -30,15 +30,21 @@ def test_bwt_and_average_on_hand_made_matrix():
         report.bwt([[1.0], [1.0]])
 
 
+def _episodes(rate, n=4):
+    k = round(rate * n)
+    return [{"episode": j, "success": j < k} for j in range(n)]
+
+
 def _fake_results(with_router=True):
     skills = ["a", "b"]
 
     def step(t, vals, frac, agnostic=False):
         sk = {}
         for name, v in zip(skills[:t], vals):
-            tr = {"oracle": {"success_rate": v}}
+            tr = {"oracle": {"success_rate": v, "episodes": _episodes(v)}}
             if with_router:
-                tr["router"] = {"success_rate": v / 2, "routing_accuracy": 0.5}
+                tr["router"] = {"success_rate": v / 2, "routing_accuracy": 0.5,
+                                "episodes": _episodes(v / 2)}
             sk[name] = {"tasks": {f"{name}-task": tr}, "oracle": v,
                         **({"router": v / 2} if with_router else {})}
         return {"t": t, "skills": sk, "storage_fraction": {"fraction": frac},
@@ -46,10 +52,10 @@ def _fake_results(with_router=True):
 
     m = {"spec": {"name": "x", "rank": 16, "options": {"rank": 16}},
          "steps": [step(1, [1.0], 1.0), step(2, [0.5, 1.0], 0.6)], "error": None}
-    m["summary"] = report.summarize_method(m, skills)
-    res = {"config": {"preset": "demo", "episodes": 1, "seed": 0, "max_steps": 10,
+    m["summary"] = report.summarize_method(m, skills, episodes=4)
+    res = {"config": {"preset": "demo", "episodes": 4, "seed": 0, "max_steps": 10,
                       "with_router": with_router,
-                      "experts": [{"name": s} for s in skills]},
+                      "experts": [{"name": s, "tasks": [f"{s}-task"]} for s in skills]},
            "methods": {"carve-r16": m}, "wall_s": 3.0}
     return res, m
 
@@ -63,12 +69,82 @@ def test_summary_table_and_plots(tmp_path):
     assert s["router"]["average_final"] == pytest.approx(0.375)
     assert s["routing_accuracy_final"] == pytest.approx(0.5)
     assert s["storage_fraction"] == pytest.approx(0.6)
+    assert s["storage_per_step"] == [1.0, 0.6]
+    # pooled final episodes: 2/4 + 4/4 = 6/8, its Wilson interval
+    pooled = s["oracle"]["pooled_final"]
+    assert (pooled["k"], pooled["n"]) == (6, 8)
+    assert pooled["ci"] == pytest.approx(list(stats.wilson(6, 8)))
+    lo, hi = s["oracle"]["average_final_ci"]
+    assert lo <= 0.75 <= hi and hi - lo > 0
+    assert s["oracle"]["final_per_skill_ci"]["b"]["ci"] == pytest.approx(list(stats.wilson(4, 4)))
+    assert s["oracle"]["final_per_task"]["a-task"]["k"] == 2
+    blo, bhi = s["oracle"]["bwt_ci"]
+    assert -1.0 <= blo < -0.5 < bhi <= 0.0   # 4/4 -> 2/4 on the same placements: never a gain
+    assert len(s["oracle"]["average_per_step_ci"]) == 2
     art = report.write_all(res, tmp_path)
     table = (tmp_path / "table.md").read_text()
-    assert "| carve-r16 | 0.600 | 75.0 | -50.0 | 50.0 | 100.0 | 37.5 |" in table
+    w = stats.wilson(6, 8)
+    row = (f"| carve-r16 | 0.600 | 1.000 / 0.600 | 75.0 [{100 * lo:.1f}, {100 * hi:.1f}] | "
+           f"75.0 [{100 * w[0]:.1f}, {100 * w[1]:.1f}] (6/8) | -50.0 [{100 * blo:+.1f}, "
+           f"{100 * bhi:+.1f}] |")
+    assert row in table, table
     for name in art["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "rank_vs_success.png" in art["plots"]
+    assert {"rank_vs_success.png", "storage_vs_experts.png",
+            "success_per_step.png"} <= set(art["plots"])
+    assert not list(tmp_path.glob(".*.tmp-*"))   # atomic writes leave no temp files behind
+
+
+def test_router_refusal_counts_as_failed_episodes():
+    assert report.task_outcomes({"refused": "no skill", "episodes": []}, episodes=3) == [0, 0, 0]
+    assert report.task_outcomes({"success_rate": 1.0}) == []          # legacy: no interval
+    assert report.task_outcomes({"episodes": _episodes(0.5)}) == [1, 1, 0, 0]
+
+
+# ---------------------------------------------------------------- interval statistics
+def test_wilson_reference_values():
+    # Wilson (1927) score interval, 95 %: standard published values
+    assert stats.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert stats.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert stats.wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert stats.wilson(10, 10)[1] == 1.0 and stats.wilson(0, 10)[0] == 0.0
+    with pytest.raises(ValueError):
+        stats.wilson(11, 10)
+
+
+def test_default_episodes_give_five_point_half_width():
+    from bench.closed_loop.run import DEFAULT_EPISODES
+
+    # 20 tasks x the default: the worst case (p = 0.5) pooled interval is within +-5 points
+    assert stats.episodes_for_halfwidth(20) == DEFAULT_EPISODES == 20
+    n = 20 * DEFAULT_EPISODES
+    lo, hi = stats.wilson(n // 2, n)
+    assert (hi - lo) / 2 <= 0.05
+    # ... and 10 episodes would not be enough
+    lo, hi = stats.wilson(100, 200)
+    assert (hi - lo) / 2 > 0.05
+
+
+def test_bootstrap_intervals():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    outcomes = [[rng.random(20) < p for p in (0.9, 0.6, 0.3)], [rng.random(20) < 0.8]]
+    point = np.mean([np.mean([o.mean() for o in s]) for s in outcomes])
+    ci = stats.bootstrap_average(outcomes)
+    assert ci[0] < point < ci[1]
+    assert stats.bootstrap_average(outcomes) == ci               # seeded: reproducible
+    assert stats.bootstrap_average(outcomes, seed=1) != ci
+    few = stats.bootstrap_average([[o[:4] for o in s] for s in outcomes])
+    assert few[1] - few[0] > ci[1] - ci[0]                        # fewer episodes, wider
+    assert stats.bootstrap_average([[np.ones(5)], [np.ones(3)]]) == (1.0, 1.0)
+    assert stats.bootstrap_average([[[]]]) is None
+    same = [[(np.r_[1, 0, 1, 1], np.r_[1, 0, 1, 1])]]
+    assert stats.bootstrap_bwt(same) == (0.0, 0.0)                # paired: no change, no noise
+    drop = stats.bootstrap_bwt([[(np.ones(10), np.zeros(10))]])
+    assert drop == (-1.0, -1.0)
+    with pytest.raises(ValueError, match="length"):
+        stats.bootstrap_bwt([[(np.ones(3), np.ones(4))]])
 
 
 def test_incomplete_method_has_no_final_numbers():
@@ -81,12 +157,26 @@ def test_incomplete_method_has_no_final_numbers():
     assert "FAILED: RuntimeError: boom" in report.table_markdown(res)
 
 
+def test_report_of_a_method_that_failed_before_any_step(tmp_path):
+    res, m = _fake_results(with_router=False)
+    m["steps"], m["error"] = [], "RuntimeError: server did not start"
+    m["summary"] = report.summarize_method(m, ["a", "b"])
+    art = report.write_all(res, tmp_path)      # tables and plots still written
+    assert "success_per_step.png" in art["plots"]
+    assert "FAILED: RuntimeError: server did not start" in (tmp_path / "table.md").read_text()
+
+
 # ---------------------------------------------------------------- method specs
 def test_method_labels():
     assert parse_label("carve-r8").options == {"rank": 8} and parse_label("carve-r8").rank == 8
     e = parse_label("carve-e0.95-drift")
     assert e.options == {"energy": 0.95, "drift_compensation": True} and e.rank is None
     assert [s.name for s in resolve("bank, ta,bank")] == ["bank", "ta"]
+    every = resolve("all")
+    assert [s.name for s in every] == list(REGISTRY)
+    assert [s.name for s in resolve("ta,all")][:2] == ["ta", "bank"]
+    assert {"carve-e0.95", "carve-r16-rate-t1", "carve-r16-rate-count", "iso_c", "iso_cts",
+            "tall_mask-heads"} <= set(REGISTRY)
     assert REGISTRY["tall_mask"].build == "oneshot" and REGISTRY["opcm"].build == "continual"
     with pytest.raises(InputError, match="unknown benchmark method"):
         parse_label("nope")
@@ -101,6 +191,36 @@ def test_every_registered_spec_names_a_real_method():
         cls = get_method(spec.method)
         if spec.build == "continual":
             assert cls.continual, spec.name
+        if cls.options_cls is not None:   # the engine accepts every option the spec passes
+            cls.options_cls(**spec.options)
+
+
+def test_expert_head_pattern_names_demo_vla_keys():
+    """tall_mask-heads must select real keys of the benchmark's model, or it is plain TALL."""
+    from fnmatch import fnmatch
+
+    from policy_server.models.demo_vla import DemoVLAConfig, DemoVLAModule
+
+    keys = list(DemoVLAModule(DemoVLAConfig()).state_dict())
+    pats = REGISTRY["tall_mask-heads"].options["head_patterns"]
+    heads = [k for k in keys if any(fnmatch(k, p) for p in pats)]
+    assert heads and len(heads) < len(keys)
+    assert all(k.startswith("action_expert.head.") for k in heads)
+
+
+def test_step_key_covers_what_determines_a_step():
+    from bench.closed_loop.run import step_key
+
+    ex = [{"name": "a"}, {"name": "b"}]
+    base = dict(factory_hash="f1", spec=REGISTRY["carve-r16"], experts=ex, episodes=5, seed=1,
+                max_steps=100, replan_every=None, with_router=True)
+    k0 = step_key(**base)
+    assert step_key(**base) == k0
+    for change in (dict(factory_hash="f2"), dict(spec=REGISTRY["carve-r4"]),
+                   dict(spec=REGISTRY["carve-r16-rate-t1"]), dict(experts=ex[:1]),
+                   dict(experts=ex[::-1]), dict(episodes=6), dict(seed=2), dict(max_steps=99),
+                   dict(replan_every=4), dict(with_router=False)):
+        assert step_key(**dict(base, **change)) != k0, change
 
 
 def test_storage_fraction_rules():
@@ -123,29 +243,55 @@ def test_cli_parses():
 
     a = build_parser().parse_args(["bench", "closed-loop", "--quick", "--oracle-only"])
     assert a.quick and a.with_router is False and a.func.__name__ == "run_closed_loop"
+    a = build_parser().parse_args(["bench", "closed-loop", "--methods", "all", "--fresh"])
+    assert a.methods == "all" and a.fresh and a.episodes is None
 
 
-# ---------------------------------------------------------------- real closed-loop smoke run
-def test_closed_loop_smoke_real_server(tmp_path, monkeypatch):
-    """Tiny 2-expert factory, CARVE r4, 1 episode per task, oracle only, real gRPC + Meta-World."""
+@pytest.mark.parametrize("argv, msg", [
+    (["--preset", "nope"], "unknown preset"),
+    (["--methods", "bank,nope"], "unknown benchmark method"),
+    (["--episodes", "0"], "episodes must be >= 1"),
+])
+def test_cli_bad_input_exits_2_with_one_line(argv, msg, tmp_path, capsys):
+    from policy_server.cli import main
+
+    assert main(["bench", "closed-loop", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+# ---------------------------------------------------------------- real closed-loop runs
+@pytest.fixture(scope="module")
+def tiny_factory(tmp_path_factory):
+    """A 2-expert factory trained on the real simulator into its own cache (shared by tests)."""
     pytest.importorskip("metaworld", reason="Meta-World is the optional sim extra")
     import torch
 
-    from bench.closed_loop.run import run_benchmark
     from policy_server.sim.suites import Preset
     from policy_server.training.train import build_factory
 
     torch.set_num_threads(1)
-    monkeypatch.setenv("CARVE_CACHE_DIR", str(tmp_path / "cache"))
-    p = Preset(name="tinycl", base_tasks=["reach-v3"],
-               suites={"buttons": ["button-press-topdown-v3"], "windows": ["window-open-v3"]},
-               episodes_base=2, episodes_expert=2, max_steps=120, base_steps=20, expert_steps=10,
-               batch_size=32, model={"hidden_dim": 64, "mlp_dim": 128, "num_expert_blocks": 1})
-    factory = build_factory(p, progress=False)
+    cache = tmp_path_factory.mktemp("closed-loop-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CARVE_CACHE_DIR", str(cache))
+        p = Preset(name="tinycl", base_tasks=["reach-v3"],
+                   suites={"buttons": ["button-press-topdown-v3"], "windows": ["window-open-v3"]},
+                   episodes_base=2, episodes_expert=2, max_steps=120, base_steps=20,
+                   expert_steps=10, batch_size=32,
+                   model={"hidden_dim": 64, "mlp_dim": 128, "num_expert_blocks": 1})
+        yield build_factory(p, progress=False), cache
+
+
+def test_closed_loop_smoke_real_server(tiny_factory, tmp_path):
+    """Tiny 2-expert factory, CARVE r4, 1 episode per task, oracle only, real gRPC + Meta-World."""
+    from bench.closed_loop.run import run_benchmark
+
+    factory, _ = tiny_factory
     out = tmp_path / "res"
     res = run_benchmark(methods="carve-r4", episodes=1, out=out, with_router=False,
                         factory=factory, max_steps=40, log=lambda *a: None)
-    for name in ("results.json", "table.md", "success_per_step.png", "storage_vs_success.png"):
+    for name in ("results.json", "table.md", "success_per_step.png", "storage_vs_success.png",
+                 "storage_vs_experts.png"):
         assert (out / name).is_file(), name
     assert not (out / "_work").exists()
     disk = json.loads((out / "results.json").read_text())
@@ -157,8 +303,116 @@ def test_closed_loop_smoke_real_server(tmp_path, monkeypatch):
     acc = s["oracle"]["acc"]
     assert s["oracle"]["bwt"] == pytest.approx(acc[1][0] - acc[0][0])
     assert s["oracle"]["average_final"] == pytest.approx(sum(acc[1]) / 2)
+    assert s["oracle"]["pooled_final"]["n"] == 2 and len(s["storage_per_step"]) == 2
     st = m["steps"][-1]
     ep = st["skills"]["windows"]["tasks"]["window-open-v3"]["oracle"]["episodes"]
     assert len(ep) == 1 and ep[0]["skill"] == "windows"   # the oracle id reached the server
     assert 0.0 < s["storage_fraction"] < 2.0 and st["storage"]["skills"] == 2
     assert "router" not in s and res["config"]["with_router"] is False
+    assert disk["steps_computed"] == 2 and disk["steps_cached"] == 0 and disk["command"]
+
+
+def _outcomes(res):
+    """Per method, per step, per task: the episode successes (what a resumed run must keep)."""
+    return {name: [{task: [e["success"] for e in tr["oracle"]["episodes"]]
+                    for sk in st["skills"].values() for task, tr in sk["tasks"].items()}
+                   for st in m["steps"]] for name, m in res["methods"].items()}
+
+
+def test_resume_after_sigkill_reuses_cached_steps(tiny_factory, tmp_path, monkeypatch):
+    """SIGKILL a run after its first cached step; the rerun evaluates only the missing steps,
+    a third run evaluates nothing and reproduces the results; a corrupt cache entry is redone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import bench.closed_loop.run as run_mod
+
+    factory, cache = tiny_factory
+    out = tmp_path / "res"
+    fjson = tmp_path / "factory.json"
+    fjson.write_text(json.dumps(factory))
+    kw = dict(methods="carve-r4,ta", episodes=1, with_router=False, max_steps=40)
+    code = ("import json, sys; from bench.closed_loop.run import run_benchmark; "
+            "run_benchmark(factory=json.load(open(sys.argv[1])), out=sys.argv[2], "
+            f"log=lambda *a: None, **{kw!r})")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(fjson), str(out)], cwd=repo,
+                            env=dict(os.environ, CARVE_CACHE_DIR=str(cache)))
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("_cache/*/step*.json")):
+            assert proc.poll() is None, "the benchmark exited before caching a step"
+            assert time.time() < deadline, "no step cached within 300 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_with = sorted(out.glob("_cache/*/step*.json"))
+    assert 1 <= len(killed_with) < 4 and not (out / "results.json").exists()
+
+    calls = []
+    real = run_mod._evaluate
+    monkeypatch.setattr(run_mod, "_evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r1 = run_mod.run_benchmark(factory=factory, out=out, log=lambda *a: None, **kw)
+    assert len(calls) == 4 - len(killed_with)
+    assert r1["steps_cached"] == len(killed_with) and r1["steps_computed"] == len(calls)
+    assert all(m["error"] is None and m["summary"]["complete"] for m in r1["methods"].values())
+    for f in killed_with:  # what the killed run cached is what the resumed run reports
+        rec = json.loads(f.read_text())
+        assert r1["methods"][rec["method"]]["steps"][rec["t"] - 1] == rec["step"]
+
+    calls.clear()
+    r2 = run_mod.run_benchmark(factory=factory, out=out, log=lambda *a: None, **kw)
+    assert calls == [] and r2["steps_cached"] == 4
+    # the killed run wrote no results.json: r1 and r2 are the recorded invocations
+    assert [i["steps_computed"] for i in r2["invocations"]] == [4 - len(killed_with), 0]
+    assert json.loads(json.dumps(r2["methods"], default=str)) == \
+        json.loads(json.dumps(r1["methods"], default=str))
+
+    # a half-written entry (not possible via the atomic writer, but a disk can lie) is redone
+    victim = sorted(out.glob("_cache/carve-r4/step2-*.json"))[0]
+    victim.write_text(victim.read_text()[:50])
+    calls.clear()
+    r3 = run_mod.run_benchmark(factory=factory, out=out, log=lambda *a: None, **kw)
+    assert len(calls) == 1 and r3["steps_computed"] == 1
+    assert _outcomes(r3) == _outcomes(r1)     # deterministic: the redone step agrees
+    assert not list(out.rglob(".*.tmp-*"))
+
+    # a different episode count is a different key: nothing is reused
+    calls.clear()
+    r4 = run_mod.run_benchmark(factory=factory, out=out, log=lambda *a: None,
+                               **dict(kw, methods="ta", episodes=2))
+    assert len(calls) == 2 and r4["steps_cached"] == 0
+    assert len(r4["invocations"]) == 1        # another configuration: a new run, not a resume
+
+
+@pytest.mark.slow
+def test_quick_cli_end_to_end_under_5_minutes(tmp_path):
+    """`carve bench closed-loop --quick` as CI runs it: the real CLI in a subprocess, the demo
+    factory (trained once, ~5 min on 2 cores, then cached), router on; the benchmark itself
+    must stay under the 5-minute CI budget."""
+    pytest.importorskip("metaworld", reason="Meta-World is the optional sim extra")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from policy_server.training.train import build_factory
+
+    build_factory("demo", progress=False)  # outside the budget: cached across CI runs
+    out = tmp_path / "quick"
+    p = subprocess.run([sys.executable, "-m", "policy_server.cli", "bench", "closed-loop",
+                        "--quick", "--out", str(out)], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["wall_s"] < 300, f"--quick took {res['wall_s']:.0f} s"
+    assert set(res["methods"]) == {"carve-r16", "ta"} and res["config"]["episodes"] == 1
+    for m in res["methods"].values():
+        assert m["error"] is None and m["summary"]["complete"] and "router" in m["summary"]
+    assert "--quick" not in res["command"] and "--episodes 1" in res["command"]
+    assert "ETA" in p.stdout and "half-width" in p.stdout

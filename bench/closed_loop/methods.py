@@ -64,8 +64,13 @@ def _carve(rank: int | None = None, **extra) -> MethodSpec:
 REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
     MethodSpec("bank", "bank", "continual", {}, "expert bank: every expert kept whole (ceiling)"),
     _carve(4), _carve(16), _carve(64),
-    _carve(energy=0.9),
+    _carve(energy=0.9), _carve(energy=0.95),
     _carve(16, drift_compensation=True),
+    # the core update-rate variants of docs/CARVE.md (default "1/t" is carve-r16 itself)
+    MethodSpec("carve-r16-rate-t1", "carve", "continual", {"rank": 16, "rate": "1/(t+1)"},
+               "CARVE rank 16, core rate 1/(t+1) (half of the first skill stays residual)"),
+    MethodSpec("carve-r16-rate-count", "carve", "continual", {"rank": 16, "rate": "count"},
+               "CARVE rank 16, per-coordinate core rate 1/(n_j+1)"),
     # the demo VLA is float32, so its default core is float32 too: this row stores the core in
     # bfloat16 to measure what a bf16 base's default storage does to closed-loop success
     MethodSpec("carve-r16-bf16core", "carve", "continual", {"rank": 16},
@@ -82,6 +87,13 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in [
     MethodSpec("iso_cts", "iso_cts", "oneshot", {}, "Iso-CTS, re-merged over experts 1..t"),
     MethodSpec("tall_mask", "tall_mask", "oneshot", {},
                "TALL / MergeVLA task masks (per-skill masks), re-merged over experts 1..t"),
+    # MergeVLA's per-skill expert head: the demo VLA's last action-expert block
+    # (``action_expert.head.*``, docs/DEMO_VLA.md) is kept whole per skill (Dense(tau_i - mean)),
+    # the rest masked. The pattern names demo-VLA keys: the benchmark's factory is the demo VLA.
+    MethodSpec("tall_mask-heads", "tall_mask", "oneshot",
+               {"head_patterns": ["action_expert.head.*"]},
+               "TALL / MergeVLA masks + per-skill expert heads (action_expert.head.*), "
+               "re-merged over experts 1..t"),
 ]}
 
 DEFAULT_METHODS = ["bank", "carve-r16", "carve-e0.9", "ta", "ties", "tall_mask", "magmax"]
@@ -104,12 +116,13 @@ def parse_label(label: str) -> MethodSpec:
                 return _carve(energy=float(body[1:]), **extra)
         except ValueError:
             pass
-    raise InputError(f"unknown benchmark method {label!r}; choose from {sorted(REGISTRY)} "
-                     f"or carve-r<rank> / carve-e<energy> (optionally with -drift)")
+    raise InputError(f"unknown benchmark method {label!r}; choose from {sorted(REGISTRY)}, "
+                     f"'all', or carve-r<rank> / carve-e<energy> (optionally with -drift)")
 
 
 def resolve(labels) -> list[MethodSpec]:
-    """Labels (list, or one comma-separated string) -> specs, in order, without duplicates."""
+    """Labels (list, or one comma-separated string) -> specs, in order, without duplicates.
+    ``all`` expands to every registered method (``REGISTRY`` order)."""
     if isinstance(labels, str):
         labels = [x for x in labels.split(",")]
     out: list[MethodSpec] = []
@@ -117,9 +130,11 @@ def resolve(labels) -> list[MethodSpec]:
         lab = lab.strip()
         if not lab:
             continue
-        spec = parse_label(lab)
-        if spec.name not in {s.name for s in out}:
-            out.append(spec)
+        specs = list(REGISTRY.values()) if lab == "all" else [parse_label(lab)]
+        for spec in specs:
+            if spec.name not in {s.name for s in out}:
+                out.append(spec)
     if not out:
         raise InputError("no benchmark methods given")
     return out
+

@@ -14,22 +14,122 @@ A method whose served model does not depend on the skill (a checkpoint, or a sta
 and no per-skill entries) is run once with no skill: its "router" numbers are the same
 measurement, flagged ``task_agnostic`` in ``results.json``.
 
+Resumable: every finished (method, step) is written to ``OUT/_cache/<method>/step<t>-<key>.json``
+(temp file + fsync + rename), keyed by everything that determines it (``step_key``). A rerun, or a
+run resumed after SIGKILL, reuses those steps and evaluates only the rest; a continual method's
+state is re-admitted up to the first missing step (admission is deterministic and cheap next to
+evaluation). An ETA from the measured seconds per episode is printed after every step.
+
 Use ``run_benchmark(...)`` from Python or ``carve bench closed-loop`` (policy_server/cli/bench.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import shutil
+import socket
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.closed_loop.methods import MethodSpec, resolve
 from policy_server.errors import InputError
+from policy_server.tensors.durable import write_bytes_durable
 
 SCHEMA = "carve-closed-loop/1"
+#: version of what one cached step records and how it is evaluated; bump it when either changes
+#: so stale cache entries stop matching (they are then simply ignored, never deleted).
+STEP_SCHEMA = "carve-closed-loop-step/1"
+DEFAULT_EPISODES = 20  # headline: 20 x >= 20 tasks keeps the pooled 95 % half-width <= 5 points
+
+
+def step_key(factory_hash: str, spec: MethodSpec, experts: list[dict], episodes: int, seed: int,
+             max_steps: int, replan_every: int | None, with_router: bool) -> str:
+    """Hex key of one (method, step) result: the factory, the method spec (engine method, build,
+    options, storage fields; not the free-text description), the admitted experts in order,
+    episodes, seed, max_steps, replan_every, the router flag and ``STEP_SCHEMA``."""
+    payload = {"schema": STEP_SCHEMA, "factory": factory_hash,
+               "spec": {k: v for k, v in spec.to_dict().items() if k != "description"},
+               "experts": [e["name"] for e in experts], "episodes": int(episodes),
+               "seed": int(seed), "max_steps": int(max_steps),
+               "replan_every": None if replan_every is None else int(replan_every),
+               "with_router": bool(with_router)}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """JSON to ``path`` via temp + fsync + rename: a reader (or a killed run) never sees half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_durable(Path(path), json.dumps(obj, indent=1, default=str).encode())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Text to ``path`` via temp + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_durable(Path(path), text.encode())
+
+
+def _cache_path(out: Path, spec: MethodSpec, t: int, key: str) -> Path:
+    return out / "_cache" / spec.name / f"step{t}-{key}.json"
+
+
+def _load_cached(path: Path) -> dict | None:
+    """A cached step, or None if absent or unreadable (an unreadable one is recomputed)."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("step_schema") == STEP_SCHEMA else None
+
+
+def _step_episodes(experts: list[dict], episodes: int, task_agnostic: bool,
+                   with_router: bool) -> int:
+    """Episodes one step runs: every admitted task, oracle (+ router for per-skill models)."""
+    n_tasks = sum(len(e["tasks"]) for e in experts)
+    return n_tasks * episodes * (2 if with_router and not task_agnostic else 1)
+
+
+def host_info() -> dict:
+    """Where the run happened (recorded in results.json; published with the tables)."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "loadavg_at_start": load, "torch_threads": 1, "device": "cpu"}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    info["code"] = _code_version()
+    return info
+
+
+def _code_version() -> dict | None:
+    """The checkout's commit and whether it had local changes (None outside a git checkout):
+    cached steps are keyed by STEP_SCHEMA, not by code, so this is what says what ran."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
 def _served_kind(spec: MethodSpec, built: dict) -> tuple[str, dict | None]:
@@ -93,6 +193,7 @@ class _Builder:
 
     def step(self, t: int) -> dict:
         """Admit expert t (1-based) or re-merge experts 1..t. -> {"kind", "out", ...report}."""
+        from policy_server.models.registry import backend_admission_hooks
         from policy_server.state.admission import admit
         from policy_server.state.oneshot import merge
 
@@ -100,7 +201,11 @@ class _Builder:
         base_dir = self.factory["base"]["dir"]
         if self.spec.build == "continual":
             e = experts[-1]
-            hooks = self.hooks_for(e) if self.hooks_for else ()
+            # The backend's own hooks too (LeRobot stores each skill's processors), exactly as
+            # `carve admit` adds them: without them a LeRobot skill is served with the base's
+            # statistics and its architecture check is skipped.
+            hooks = [*backend_admission_hooks(base_dir, e["dir"]),
+                     *(self.hooks_for(e) if self.hooks_for else ())]
             rep = admit(self.state_dir, base_dir, e["dir"], e["name"],
                         instructions=e["instructions"], description=f"suite {e.get('suite', '')}",
                         method=self.spec.method, options=dict(self.spec.options), hooks=hooks,
@@ -194,16 +299,79 @@ def _evaluate(base_dir: str, kind: str, served_dir: str, experts: list[dict], ta
     return out
 
 
-def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta", episodes: int = 2,
-                  out="results/closed-loop", with_router: bool = True, seed: int = 1000,
+def _invocations(prev_path: Path, results: dict) -> list[dict]:
+    """The finished invocations that built these results: the previous results.json's list
+    (only if it ran the same command and configuration, i.e. this run resumed or repeated it)
+    plus this one. A run killed before writing results.json is missing here; its steps' seconds
+    still count in compute_s."""
+    this = {k: results.get(k) for k in ("created", "wall_s", "steps_computed", "steps_cached")}
+    this["loadavg_at_start"] = results["config"]["host"].get("loadavg_at_start")
+    try:
+        with open(prev_path) as f:
+            prev = json.load(f)
+    except (OSError, ValueError):
+        prev = None
+    def same(cfg):  # the host differs between invocations; everything else must not
+        return json.dumps({k: v for k, v in (cfg or {}).items() if k != "host"},
+                          sort_keys=True, default=str)
+
+    if (not isinstance(prev, dict) or prev.get("command") != results["command"]
+            or same(prev.get("config")) != same(results["config"])):
+        return [this]
+    earlier = prev.get("invocations") or [dict(
+        {k: prev.get(k) for k in ("created", "wall_s", "steps_computed", "steps_cached")},
+        loadavg_at_start=((prev.get("config") or {}).get("host") or {}).get("loadavg_at_start"))]
+    return [*earlier, this]
+
+
+def _fmt_s(sec: float) -> str:
+    sec = int(round(sec))
+    if sec >= 3600:
+        return f"{sec // 3600}h{sec % 3600 // 60:02d}m"
+    return f"{sec // 60}m{sec % 60:02d}s"
+
+
+class _Eta:
+    """ETA from measured seconds per episode (evaluation) plus mean build time per step."""
+
+    def __init__(self, remaining_episodes: int, remaining_steps: int):
+        self.left_ep, self.left_steps = remaining_episodes, remaining_steps
+        self.ep_s = self.ep_n = self.build_s = self.build_n = 0.0
+
+    def done(self, episodes: int, eval_s: float, build_s: float) -> None:
+        self.left_ep -= episodes
+        self.left_steps -= 1
+        self.ep_s += eval_s
+        self.ep_n += episodes
+        self.build_s += build_s
+        self.build_n += 1
+
+    def line(self) -> str:
+        if self.left_steps <= 0:
+            return "nothing left to evaluate"
+        if not self.ep_n:
+            return f"{self.left_steps} step(s), {self.left_ep} episodes left (ETA after one step)"
+        per = self.ep_s / self.ep_n
+        eta = self.left_ep * per + self.left_steps * self.build_s / max(1, self.build_n)
+        return (f"{self.left_steps} step(s), {self.left_ep} episodes left at {per:.2f} s/episode: "
+                f"ETA {_fmt_s(eta)}")
+
+
+def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
+                  episodes: int = DEFAULT_EPISODES, out="results/closed-loop",
+                  with_router: bool = True, seed: int = 1000,
                   max_steps: int | None = None, replan_every: int | None = None,
                   max_experts: int | None = None, factory: dict | None = None,
-                  keep_work: bool = False, progress: bool = False, log=print) -> dict:
+                  keep_work: bool = False, progress: bool = False, log=print,
+                  command: str | None = None, use_cache: bool = True) -> dict:
     """Run the closed-loop benchmark and write ``results.json``, ``table.md`` and plots to ``out``.
 
-    methods: labels (``bench.closed_loop.methods``); episodes: per task, seeds ``seed + i``-placed
-    via ``run_task``; max_steps/replan_every: default to the preset's; max_experts: use only the
-    first N experts of the factory (tests); factory: a ``build_factory`` result to reuse.
+    methods: labels (``bench.closed_loop.methods``, ``"all"`` for every registered one);
+    episodes: per task, seeds ``seed + i``-placed via ``run_task``; max_steps/replan_every:
+    default to the preset's; max_experts: use only the first N experts of the factory;
+    factory: a ``build_factory`` result to reuse; command: the command line recorded in
+    results.json (default ``sys.argv``); use_cache: reuse finished steps from ``out/_cache``
+    (and write new ones; off = recompute everything, still writing the cache).
     A method that fails to build or serve is recorded with its error and the others still run.
     Returns the results dict (also written to ``out/results.json``).
     """
@@ -228,6 +396,8 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta", episodes: i
             raise InputError(f"max_experts must be >= 1, got {max_experts}")
         experts = experts[:max_experts]
     factory = dict(factory, experts=experts)
+    if not factory.get("hash"):
+        raise InputError("factory has no 'hash': cannot key cached benchmark steps")
     fcfg = factory.get("config") or {}
     max_steps = int(max_steps or fcfg.get("max_steps") or 150)
     replan_every = replan_every if replan_every is not None else fcfg.get("replan_every")
@@ -245,29 +415,63 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta", episodes: i
     results: dict = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": {"preset": factory.get("preset", preset), "factory_hash": factory.get("hash"),
+        "command": command if command is not None else " ".join(sys.argv),
+        "config": {"preset": factory.get("preset", preset), "family": factory.get("family", "demo"),
+                   "factory_hash": factory.get("hash"),
                    "factory_dir": factory.get("out"), "episodes": episodes, "seed": seed,
                    "max_steps": max_steps, "replan_every": replan_every,
                    "with_router": with_router, "methods": [s.to_dict() for s in specs],
                    "experts": [{k: e.get(k) for k in ("name", "kind", "suite", "tasks",
                                                        "instructions")} for e in experts],
                    "bwt_definition": "mean over i<T of acc[T][i] - acc[i][i] (skills, 1-based)",
-                   "host": {"platform": platform.platform(), "cpus_torch_threads": 1,
-                            "device": "cpu"}},
+                   "host": host_info()},
         "methods": {},
     }
+
+    # Plan: which (method, step) results are already cached under their key.
+    keys = {(s.name, t): step_key(factory["hash"], s, experts[:t], episodes, seed, max_steps,
+                                  replan_every, with_router)
+            for s in specs for t in range(1, T + 1)}
+    cached = {}
+    if use_cache:
+        for s in specs:
+            for t in range(1, T + 1):
+                rec = _load_cached(_cache_path(out, s, t, keys[(s.name, t)]))
+                if rec is not None:
+                    cached[(s.name, t)] = rec
+    todo = [(s, t) for s in specs for t in range(1, T + 1) if (s.name, t) not in cached]
+    eta = _Eta(sum(_step_episodes(experts[:t], episodes, not per_skill_method(s), with_router)
+                   for s, t in todo), len(todo))
+    log(f"[bench] {len(specs)} method(s) x {T} step(s): {len(cached)} cached, "
+        f"{len(todo)} to evaluate; {eta.line()}")
+
     work_root = out / "_work"
     for spec in specs:
         log(f"[bench] method {spec.name} ({spec.description})")
         mres: dict = {"spec": spec.to_dict(), "steps": [], "error": None}
         results["methods"][spec.name] = mres
+        builder = None
+        built_upto = 0  # continual: experts admitted into this run's state so far
         try:
-            builder = _Builder(spec, factory, work_root / spec.name,
-                               hooks_for=hooks_for if spec.build == "continual" else None,
-                               progress=progress)
             for t in range(1, T + 1):
+                rec = cached.get((spec.name, t))
+                if rec is not None:
+                    mres["steps"].append(rec["step"])
+                    name = _cache_path(out, spec, t, keys[(spec.name, t)]).name
+                    log(f"  step {t}/{T}: cached ({name})")
+                    continue
+                if builder is None:
+                    builder = _Builder(spec, factory, work_root / spec.name,
+                                       hooks_for=hooks_for if spec.build == "continual" else None,
+                                       progress=progress)
                 tb = time.perf_counter()
+                if spec.build == "continual":
+                    # the state must hold experts 1..t-1 first: re-admit the cached ones
+                    while built_upto < t - 1:
+                        builder.step(built_upto + 1)
+                        built_upto += 1
                 built = builder.step(t)
+                built_upto = t
                 build_s = time.perf_counter() - tb
                 kind, storage = _served_kind(spec, built)
                 task_agnostic = kind == "checkpoint" or not per_skill_method(spec)
@@ -278,22 +482,38 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta", episodes: i
                 ev = _evaluate(factory["base"]["dir"], kind, built["out"], experts[:t],
                                task_agnostic, episodes, seed, max_steps, replan_every,
                                with_router, log)
-                mres["steps"].append({"t": t, "admitted": experts[t - 1]["name"], "kind": kind,
-                                      "task_agnostic": task_agnostic, "storage": storage,
-                                      "storage_fraction": frac, "build_s": build_s, **ev})
+                step = {"t": t, "admitted": experts[t - 1]["name"], "kind": kind,
+                        "task_agnostic": task_agnostic, "storage": storage,
+                        "storage_fraction": frac, "build_s": build_s, **ev}
+                write_json_atomic(_cache_path(out, spec, t, keys[(spec.name, t)]),
+                                  {"step_schema": STEP_SCHEMA, "key": keys[(spec.name, t)],
+                                   "method": spec.name, "t": t, "step": step})
+                mres["steps"].append(step)
+                eta.done(_step_episodes(experts[:t], episodes, task_agnostic, with_router),
+                         ev["eval_s"], build_s)
                 log(f"  step {t}/{T}: oracle acc "
                     + " ".join(f"{k}={v.get('oracle', 0):.2f}" for k, v in ev["skills"].items())
-                    + f" ({ev['eval_s']:.0f}s)")
+                    + f" ({ev['eval_s']:.0f}s); {eta.line()}")
         except Exception as exc:  # noqa: BLE001 - one broken method must not sink the benchmark
             mres["error"] = f"{type(exc).__name__}: {exc}"
             log(f"[bench] method {spec.name} FAILED at step {len(mres['steps']) + 1}: "
                 f"{mres['error']}")
-        mres["summary"] = report.summarize_method(mres, [e["name"] for e in experts])
+        mres["summary"] = report.summarize_method(mres, [e["name"] for e in experts],
+                                                  episodes=episodes)
     results["wall_s"] = time.perf_counter() - t_start
+    n_steps = sum(len(m["steps"]) for m in results["methods"].values())
+    results["steps_cached"] = sum(1 for k in cached if k[0] in results["methods"])
+    results["steps_computed"] = n_steps - results["steps_cached"]
+    # seconds the recorded steps cost when they were computed (over every session that made them)
+    results["compute_s"] = sum(st.get("build_s", 0) + st.get("eval_s", 0)
+                               for m in results["methods"].values() for st in m["steps"])
+    results["invocations"] = _invocations(out / "results.json", results)
     if not keep_work:
         shutil.rmtree(work_root, ignore_errors=True)
     results["artifacts"] = report.write_all(results, out)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    log(f"[bench] done in {results['wall_s']:.0f}s: {out / 'table.md'}")
+    write_json_atomic(out / "results.json", results)
+    log(f"[bench] done in {results['wall_s']:.0f}s ({results['steps_computed']} step(s) "
+        f"evaluated, {results['steps_cached']} reused from cache): {out / 'table.md'}")
+    for line in report.interval_lines(results):
+        log(f"[bench] {line}")
     return results

@@ -9,6 +9,7 @@ runtime or the backend.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ import numpy as np
 from policy_server.errors import InputError, StateError
 from policy_server.models.base import ObservationBatch, PolicyBackend, PolicySpec
 from policy_server.service.engine_api import PolicyEngine, RoutingPolicy
+
+log = logging.getLogger("carve.reload")
 
 
 @dataclass
@@ -106,14 +109,32 @@ def open_state(cfg: EngineConfig):
     fingerprint checked against ``cfg.base_dir``; None when no state is configured."""
     if not cfg.state_dir:
         return None
-    from policy_server.base_check import check_base
+    return _open_state(cfg, base_fingerprint(cfg.base_dir))
+
+
+def base_fingerprint(base_dir: str) -> str:
+    """``CheckpointReader.fingerprint`` of the base directory (cheap: headers, sizes, first and
+    last MiB of each weight file)."""
     from policy_server.tensors.checkpoint import open_checkpoint
+
+    with open_checkpoint(base_dir) as reader:
+        return reader.fingerprint()
+
+
+def _open_state(cfg: EngineConfig, fingerprint: str):
+    if not cfg.state_dir:
+        return None
+    from policy_server.base_check import check_base
     from policy_server.state.store import StateStore
 
     snapshot = StateStore(cfg.state_dir).open(cfg.state_version, verify=cfg.verify)
-    check_base(snapshot.manifest, open_checkpoint(cfg.base_dir).fingerprint(), cfg.base_dir,
-               f"merge state {cfg.state_dir} version {snapshot.version}",
-               allow_mismatch=cfg.allow_base_mismatch)
+    try:
+        check_base(snapshot.manifest, fingerprint, cfg.base_dir,
+                   f"merge state {cfg.state_dir} version {snapshot.version}",
+                   allow_mismatch=cfg.allow_base_mismatch)
+    except BaseException:
+        snapshot.close()
+        raise
     return snapshot
 
 
@@ -172,9 +193,65 @@ def build_engine(cfg: EngineConfig) -> RuntimeEngine:
     parse_dtype(cfg.dtype, "--dtype")  # fail on a bad name before anything heavy is loaded
     if not cfg.base_dir:
         raise InputError("--base: the base model directory is required")
-    snapshot = open_state(cfg)
+    # only a state records a base to check against (and only a state is ever reloaded)
+    fingerprint = base_fingerprint(cfg.base_dir) if cfg.state_dir else ""
+    snapshot = _open_state(cfg, fingerprint)
     backend = load_backend(cfg.base_dir, **cfg.backend_options)
-    return assemble_engine(backend, snapshot, cfg)
+    engine = assemble_engine(backend, snapshot, cfg)
+    engine.base_fingerprint = fingerprint  # what a live reload checks before sharing tensors
+    return engine
+
+
+def rebuild_engine(cfg: EngineConfig, served: RuntimeEngine) -> RuntimeEngine:
+    """-> a ``RuntimeEngine`` for ``cfg.state_version`` built beside ``served`` (the engine in
+    service, built from the same ``cfg`` but another version) without loading the backend again:
+    the folded ``base + core`` is rebuilt tensor by tensor, streamed from the base checkpoint
+    (``runtime.refold``); tensors no core or residual touches, buffers, the backend's tokenizer /
+    config and the text router's embedding model are shared with ``served``. The state is opened
+    and checked exactly as by ``build_engine`` (``cfg.verify``, base fingerprint).
+    ``RefoldUnsupported`` when this engine or backend cannot be rebuilt that way (the caller
+    builds a whole engine); any other error is the version's and nothing is served from it."""
+    from policy_server.runtime import MicroBatcher
+    from policy_server.runtime.refold import RefoldUnsupported, refold_runtime
+    from policy_server.tensors.checkpoint import open_checkpoint
+
+    runtime = getattr(served, "runtime", None)
+    if not isinstance(served, RuntimeEngine) or runtime is None:
+        raise RefoldUnsupported(f"the served engine is a {type(served).__name__}, not a "
+                                "RuntimeEngine")
+    if served.snapshot is None or not cfg.state_dir:
+        raise RefoldUnsupported("the served engine serves no merge state")
+    known = getattr(served, "base_fingerprint", "")
+    if not known:  # assembled in memory (benchmarks): nothing says where its tensors came from
+        raise RefoldUnsupported("the served engine was not built from a base directory "
+                                "(build_engine)")
+    with open_checkpoint(cfg.base_dir) as base:
+        fingerprint = base.fingerprint()
+        if fingerprint != known:  # the served tensors came from another base: share nothing
+            raise RefoldUnsupported(f"the base checkpoint {cfg.base_dir} changed on disk since "
+                                    "the served engine was loaded")
+        snapshot = _open_state(cfg, fingerprint)
+        try:
+            new_runtime, report = refold_runtime(runtime, snapshot, base)
+        except BaseException:
+            snapshot.close()
+            raise
+    batcher = MicroBatcher(new_runtime, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms)
+
+    def capture(observation, keys, skill=None):
+        return batcher.capture(observation, keys, skill).result()
+
+    try:
+        router = make_router(cfg, snapshot, capture)
+        engine = RuntimeEngine(new_runtime, batcher, router, snapshot, RoutingPolicy(cfg.abstain),
+                               backend_name=served.backend_name)
+    except BaseException:
+        batcher.close()
+        snapshot.close()
+        raise
+    engine.base_fingerprint = fingerprint
+    engine.refold_report = report
+    return engine
 
 
 class UnknownVersion(StateError):
@@ -183,8 +260,10 @@ class UnknownVersion(StateError):
 
 class StateSource:
     """The versions of ``cfg.state_dir`` a running server can switch to (``carve serve
-    --follow`` and the admin ``Reload`` RPC): what ``CURRENT`` names now, and a whole new engine
-    for any committed version, built through this composition root exactly as at startup."""
+    --follow`` and the admin ``Reload`` RPC): what ``CURRENT`` names now, and a new engine for
+    any committed version: rebuilt beside the served engine tensor by tensor
+    (``rebuild_engine``), or a whole new engine built exactly as at startup when that is not
+    possible."""
 
     def __init__(self, cfg: EngineConfig):
         if not cfg.state_dir:
@@ -216,9 +295,23 @@ class StateSource:
             raise UnknownVersion(f"merge state {self.cfg.state_dir}: no version {version!r} "
                                  f"(versions: {', '.join(known) or 'none'})")
 
-    def build(self, version: str) -> RuntimeEngine:
+    def build(self, version: str, beside: RuntimeEngine | None = None) -> RuntimeEngine:
         """A new engine serving ``version``, its files always verified against their sha256
-        (a reload must never switch to a half-written or corrupted version)."""
+        (a reload must never switch to a half-written or corrupted version). beside: the engine
+        in service (the caller keeps it pinned meanwhile): the new one is rebuilt next to it,
+        sharing what does not change (``rebuild_engine``); None, or an engine that cannot be
+        rebuilt that way (logged), builds a whole new engine (``build_engine``)."""
         from dataclasses import replace
 
-        return build_engine(replace(self.cfg, state_version=version, verify=True))
+        from policy_server.runtime.refold import RefoldUnsupported
+
+        cfg = replace(self.cfg, state_version=version, verify=True)
+        if beside is not None:
+            try:
+                engine = rebuild_engine(cfg, beside)
+            except RefoldUnsupported as e:
+                log.warning("reload to %s: %s; loading a whole new engine instead", version, e)
+            else:
+                log.info("reload to %s: %s", version, engine.refold_report.summary())
+                return engine
+        return build_engine(cfg)

@@ -4,14 +4,17 @@ and a version that fails to verify (the old one keeps being served)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from carve_client import PolicyClient, PolicyError
 from carve_client.proto.carve.policy.v1 import policy_pb2 as pb
 from carve_client.proto.carve.policy.v1 import policy_pb2_grpc as pb_grpc
@@ -207,3 +210,153 @@ def test_follow_under_load_no_dropped_episode(stack):
     _v, skill, states, acts = by_version["v000003"][0]
     with _offline_engine(stack, "v000006") as predict:
         assert not np.allclose(predict(states[0], skill), acts[0], atol=1e-4)
+
+
+# ---- the rebuild beside serving (runtime/refold.py) -------------------------------------------
+
+PARTIAL = {"a": ["stack the blocks"], "b": ["wipe the table"]}
+
+
+@pytest.fixture(scope="module")
+def partial_stack(tmp_path_factory):
+    """Experts that fine-tune only the action expert (the text embedding, state encoder, fusion
+    trunk and token embedding stay frozen, as an adapter fine-tune leaves them), so a reload has
+    tensors to share: v000001 = {a}, v000002 = {a, b} (the core moves at the second admission)."""
+    from policy_server.models.demo_vla import DemoVLABackend, DemoVLAConfig
+
+    root = tmp_path_factory.mktemp("partial")
+    cfg = DemoVLAConfig(chunk_length=4, hidden_dim=64, mlp_dim=128, num_heads=4, vocab_size=512,
+                        text_dim=32)
+    base_dir = DemoVLABackend(cfg, seed=0).save_pretrained(root / "base")
+    g = torch.Generator().manual_seed(7)
+    state = root / "state"
+    for name, instr in PARTIAL.items():
+        expert = DemoVLABackend(cfg, seed=0)
+        with torch.no_grad():
+            for key, p in expert.module.named_parameters():
+                if key.startswith("action_expert."):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        admit(state, base_dir, expert.save_pretrained(root / f"expert-{name}"), name,
+              instructions=instr, method="carve", options={"rank": 4}, progress=False)
+    return {"base": base_dir, "state": state}
+
+
+def _tensors(engine) -> dict:
+    """Canonical key -> live tensor of an engine's model."""
+    return dict(engine.runtime.bank.index.tensors)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+def test_reload_rebuilds_beside_serving_shares_unchanged_tensors_and_pins(partial_stack, mode,
+                                                                          monkeypatch):
+    from policy_server.tensors.checkpoint import CheckpointReader, open_checkpoint
+
+    st = partial_stack
+    cfg = _cfg(st["state"], base=st["base"], state_version="v000001", mode=mode)
+    server = PolicyServer(lambda: build_engine(cfg), ServerConfig(port=0, admin_token=ADMIN),
+                          source=StateSource(cfg))
+    target = f"127.0.0.1:{server.start()}"
+    reads: list[str] = []  # base tensors the reload streams from the checkpoint
+    for name in ("get", "get_rows"):
+        real = getattr(CheckpointReader, name)
+        monkeypatch.setattr(CheckpointReader, name,
+                            lambda self, key, *a, _real=real: (reads.append(key),
+                                                               _real(self, key, *a))[1])
+    states = np.random.default_rng(3).standard_normal((4, 39)).astype(np.float32)
+    try:
+        with PolicyClient(target, retries=0, timeout=60) as c:
+            with c.episode("", skill="a") as pinned:
+                assert pinned.state_version == "v000001"
+                pinned_acts = [pinned.infer(s) for s in states[:2]]  # skill a merged (fused)
+                old = server.holder.engine
+                old_tensors = _tensors(old)
+                reads.clear()
+                r = _reload(target, "v000002")
+                assert (r.state_version, r.changed) == ("v000002", True)
+                new = server.holder.engine
+                report = new.refold_report
+                new_tensors = _tensors(new)
+                # unchanged tensors are the served ones (same storage); the rest are new
+                frozen = {k for k in new_tensors if not k.startswith("action_expert.")}
+                assert frozen and set(report.shared) == frozen
+                assert set(report.rebuilt) == set(new_tensors) - frozen
+                for k in report.shared:
+                    assert new_tensors[k].data_ptr() == old_tensors[k].data_ptr(), k
+                for k in report.rebuilt:
+                    assert new_tensors[k].data_ptr() != old_tensors[k].data_ptr(), k
+                # only the rebuilt tensors were read from the base, never the frozen ones
+                assert set(reads) == set(report.rebuilt)
+                with open_checkpoint(st["base"]) as base:
+                    assert report.base_bytes_read == base.tensor_bytes(report.rebuilt)
+                    assert report.base_bytes_read < base.tensor_bytes()
+                # the rebuilt fold is bitwise the fold of a fresh start on v000002
+                fresh = build_engine(replace(cfg, state_version="v000002"))
+                try:
+                    for k, t in _tensors(fresh).items():
+                        assert torch.equal(new_tensors[k], t), k
+                finally:
+                    fresh.close()
+                assert server.holder._retired  # the old engine lives on for the pinned episode
+                new_eps = {}
+                for skill in ("a", "b"):
+                    with c.episode("", skill=skill) as ep:
+                        assert ep.state_version == "v000002"
+                        new_eps[skill] = [ep.infer(s) for s in states]
+                pinned_acts += [pinned.infer(s) for s in states[2:]]
+            assert not server.holder._retired  # closed with its last episode
+    finally:
+        server.stop(1.0)
+    with _offline_engine(st, "v000001") as predict:
+        for s, got in zip(states, pinned_acts):
+            np.testing.assert_allclose(got, predict(s, "a"), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(predict(states[0], "a"), new_eps["a"][0], atol=1e-4)
+    with _offline_engine(st, "v000002") as predict:
+        for skill, acts in new_eps.items():
+            for s, got in zip(states, acts):
+                np.testing.assert_allclose(got, predict(s, skill), rtol=1e-5, atol=1e-6)
+
+
+def test_reload_failing_mid_rebuild_keeps_the_served_one(partial_stack, monkeypatch):
+    """A read error half-way through the rebuild (the disk under the base fails): the reload is
+    refused and reported, the served engine is untouched, nothing half-built is served; once the
+    disk is back, the same reload succeeds."""
+    import errno
+
+    from policy_server.tensors import checkpoint
+
+    st = partial_stack
+    cfg = _cfg(st["state"], base=st["base"], state_version="v000001")
+    server = PolicyServer(lambda: build_engine(cfg), ServerConfig(port=0, admin_token=ADMIN),
+                          source=StateSource(cfg))
+    target = f"127.0.0.1:{server.start()}"
+    real, calls = checkpoint.read_tensor_at, []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(*a, **kw)
+
+    state = np.random.default_rng(4).standard_normal(39).astype(np.float32)
+    try:
+        with PolicyClient(target, retries=0, timeout=60) as c:
+            with c.episode("", skill="a") as ep:
+                before = ep.infer(state)
+            served = server.holder.engine
+            monkeypatch.setattr(checkpoint, "read_tensor_at", failing)
+            err = _code(lambda: _reload(target, "v000002"))
+            assert "Input/output error" in err.details(), err.details()
+            assert len(calls) > 5  # it failed in the middle of the rebuild, not before
+            monkeypatch.undo()
+            assert server.holder.engine is served and not server.holder._retired
+            info = c.server_info()
+            assert info["state_version"] == "v000001" and info["reloads_failed"] == 1
+            assert "Input/output error" in info["last_reload_error"]
+            with c.episode("", skill="a") as ep:
+                assert ep.state_version == "v000001"
+                np.testing.assert_array_equal(ep.infer(state), before)
+            assert _reload(target, "v000002").changed
+            with c.episode("", skill="b") as ep:
+                assert ep.state_version == "v000002"
+    finally:
+        server.stop(1.0)

@@ -95,6 +95,17 @@ class PolicyBackend(ABC):
             self.dtype = dtype
         return self
 
+    def with_module(self, module: nn.Module) -> "PolicyBackend | None":
+        """A backend of this kind serving ``module`` instead of ``self.module``: the same
+        architecture, already placed and cast by the runtime (nothing may be moved or cast here:
+        its tensors may be shared with the served module). It shares this backend's
+        non-weight parts that do not depend on the merge state (config, tokenizer, transforms)
+        and starts with fresh per-state data (``attach_state`` is called on it next) and fresh
+        per-episode data. What a live reload uses to rebuild the weights tensor by tensor
+        (``runtime.refold``) instead of loading the whole backend again. Default None: not
+        supported (the reload loads a whole new backend)."""
+        return None
+
     def attach_state(self, snapshot) -> None:
         """Called by the composition root with the merge-state snapshot before the runtime is
         built: a backend with per-skill non-weight data (e.g. LeRobot's per-skill processors,

@@ -28,6 +28,7 @@ Checkpoint layout (Hugging Face style)::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -322,6 +323,13 @@ class DemoVLABackend(PolicyBackend):
                                  f"{tuple(want[k].shape)}")
         module.load_state_dict({k: t.float() for k, t in state.items()})
         return cls(cfg, module, device=device, dtype=dtype)
+
+    def with_module(self, module: nn.Module) -> "DemoVLABackend":
+        """This backend around ``module`` (see ``PolicyBackend.with_module``): config, spec and
+        normalisation statistics are shared (read only); the demo VLA has no per-state data."""
+        new = copy.copy(self)
+        new.module = module
+        return new
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (contiguous CPU tensors) into ``path``."""

@@ -21,6 +21,7 @@ inference, so a hook never sees another request's rows.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Sequence
@@ -57,29 +58,44 @@ class PolicyRuntime:
     ``version``, ``manifest``) or None for the plain base model.
     dtype: model dtype after folding (None keeps the module's); residuals are kept in the dtype of
     the parameter they target.
+    prefolded: None (fold here), or the canonical keys of the tensors ``snapshot``'s core touches
+    when ``backend.module`` already holds ``base + core`` on ``device`` in the serving dtype (a
+    module rebuilt by ``runtime.refold`` beside a served runtime: nothing is placed, folded or cast
+    again, and only the core tensors a ``Masked`` residual needs are read).
+
+    ``core_keys``: canonical keys of the tensors the folded core touches (what a later refold must
+    rebuild besides the residual targets).
     """
 
     def __init__(self, backend: PolicyBackend, snapshot=None, mode: str = "auto",
-                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 prefolded: set[str] | None = None):
         if mode not in MODES:
             raise InputError(f"runtime mode must be one of {MODES}, got {mode!r}")
         module = backend.module
-        if getattr(module, _FOLDED_ATTR, False):
+        if prefolded is None and getattr(module, _FOLDED_ATTR, False):
             raise StateError("this backend's module already has a merge-state core folded in; "
                              "load the backend again for a new runtime")
         self.backend, self.mode = backend, mode
         self.device = torch.device(device)
         self.version = getattr(snapshot, "version", None)
-        backend.to(self.device)
-        module.eval()
-        index = ParamIndex(module)
-        core = snapshot.core() if snapshot is not None else {}
-        # fold in float32 while the module still has its load dtype, then cast once
-        fold_core(index, core)
-        setattr(module, _FOLDED_ATTR, True)
-        if dtype is not None:
-            backend.to(dtype=dtype)
-            index = ParamIndex(module)  # .to() may have replaced tensors
+        if prefolded is not None:
+            # the module's tensors are shared with a served runtime or freshly built for this
+            # version: placing or casting them here would touch tensors another runtime serves
+            index = ParamIndex(module)
+            self.core_keys = set(prefolded)
+            core = snapshot.core(lazy=True) if snapshot is not None else {}
+        else:
+            backend.to(self.device)
+            module.eval()
+            index = ParamIndex(module)
+            core = snapshot.core() if snapshot is not None else {}
+            # fold in float32 while the module still has its load dtype, then cast once
+            self.core_keys = fold_core(index, core)
+            setattr(module, _FOLDED_ATTR, True)
+            if dtype is not None:
+                backend.to(dtype=dtype)
+                index = ParamIndex(module)  # .to() may have replaced tensors
         names = list(snapshot.skill_names()) if snapshot is not None else []
         residuals = {n: snapshot.residuals(n) for n in names}
         self.bank = SkillBank.build(index, names, residuals, core)
@@ -230,6 +246,27 @@ class PolicyRuntime:
 
     def _predict(self, batch: ObservationBatch) -> torch.Tensor:
         return self.backend.predict(batch)
+
+    def copy_module(self, replace: dict[int, torch.Tensor]) -> torch.nn.Module:
+        """A new module of the served module's architecture *without* side-path wrappers whose
+        tensors are ``replace[id(t)]`` for each tensor ``t`` listed there and the very same
+        objects (shared, not copied) for every other parameter and buffer. Only the Python
+        structure is copied (modules, config attributes), so this costs no tensor memory; it
+        runs under the inference lock, where no capture hook is registered and no wrapper is
+        being bound. Tensors shared this way must never be written in place by either runtime:
+        ``refold`` replaces every tensor a core or a residual touches."""
+        module = self.backend.module
+        with self._lock:
+            memo: dict[int, object] = {}
+            for _name, t in [*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)]:
+                memo[id(t)] = replace.get(id(t), t)
+            if self._side is not None:
+                # each wrapper is copied as the plain layer it replaced (they share Parameters)
+                for path, original in self._side.replaced.items():
+                    wrapper = module.get_submodule(path)
+                    memo[id(wrapper)] = copy.deepcopy(original, memo)
+            return copy.deepcopy(module, memo)
 
     def close(self) -> None:
         """Unmerge any fused skill and remove the side-path wrappers (weights: ``base + core``)."""

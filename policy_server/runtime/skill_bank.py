@@ -162,17 +162,17 @@ class ResidualStack:
         return sum(t.numel() * t.element_size() for t in (self.P, self.Q, self.D) if t is not None)
 
 
-def fold_core(index: ParamIndex, core: Mapping[str, torch.Tensor]) -> int:
+def fold_core(index: ParamIndex, core: Mapping[str, torch.Tensor]) -> set[str]:
     """Add the dense core deltas into the live tensors once: ``W <- cast(float32(W) + C)``.
-    Returns the number of tensors changed. Float32 arithmetic whatever the model dtype, so a
-    half-precision model rounds once, not per addition."""
+    Returns the canonical keys of the tensors changed. Float32 arithmetic whatever the model
+    dtype, so a half-precision model rounds once, not per addition."""
     canon = index.collapse(core, "core", lambda a, b: torch.equal(a.float(), b.float()))
     with torch.no_grad():
         for key, c in canon.items():
             p = index.tensors[key]
             _shape_check(key, c.shape, p.shape, "core")
             p.copy_((p.float() + c.to(p.device, torch.float32)).to(p.dtype))
-    return len(canon)
+    return set(canon)
 
 
 class SkillBank:
@@ -199,9 +199,14 @@ class SkillBank:
               residuals: Mapping[str, Mapping[str, ResidualEntry]],
               core: Mapping[str, torch.Tensor]) -> "SkillBank":
         """``residuals[skill][key]``: entries as produced by the merge methods; ``core``: the dense
-        core deltas (needed to turn ``Masked`` entries into dense residuals
-        ``mask*core - core``)."""
-        core_c = index.collapse(core, "core", lambda a, b: torch.equal(a.float(), b.float()))
+        core deltas by checkpoint key, a dict or a lazy mapping with ``keys()`` / ``get(key)``
+        (``StateSnapshot.core(lazy=True)``). Only the core tensors a ``Masked`` entry needs are
+        read (to turn it into the dense residual ``mask*core - core``), so a live reload never
+        loads the whole core here. Aliases of one tied tensor are assumed consistent in ``core``
+        (``fold_core`` / ``refold`` check that when they fold it)."""
+        core_keys_of: dict[str, str] = {}  # canonical key -> the first core key naming it
+        for k in sorted(core.keys()):
+            core_keys_of.setdefault(index.resolve(k, "core"), k)
         lowrank: dict[str, dict[int, LowRank]] = {}
         dense: dict[str, dict[int, torch.Tensor]] = {}
         for g, name in enumerate(skill_names, start=1):
@@ -224,7 +229,7 @@ class SkillBank:
                     dense.setdefault(key, {})[g] = e.D.float()
                 elif isinstance(e, Masked):
                     _shape_check(key, e.mask.shape, shape, what)
-                    c = core_c.get(key)
+                    c = core.get(core_keys_of[key]) if key in core_keys_of else None
                     if c is not None:  # no core on this tensor: mask * 0 - 0 = no residual
                         c = c.float()
                         dense.setdefault(key, {})[g] = c * e.mask.to(c.device, torch.float32) - c

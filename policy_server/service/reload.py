@@ -1,10 +1,13 @@
 """Live version following: switch a running server to another merge-state version.
 
-A reload builds a whole second engine (backend + runtime + router) beside the served one through
-the composition root (``serving.StateSource.build``, files verified), then swaps it into the
-``EngineHolder`` in one step: new episodes get the new engine, episodes already running keep the
-engine they started on (each holds a pin; an engine is closed when it is retired and its last pin
-is released). The transient peak memory is therefore one more model with its residuals.
+A reload builds a second engine beside the served one through the composition root
+(``serving.StateSource.build``, files verified): the folded ``base + core`` is rebuilt tensor by
+tensor from the base checkpoint and everything unchanged is shared with the served engine
+(``runtime/refold.py``; a backend without ``PolicyBackend.with_module`` gets a whole new engine).
+It then swaps it into the ``EngineHolder`` in one step: new episodes get the new engine, episodes
+already running keep the engine they started on (each holds a pin; an engine is closed when it is
+retired and its last pin is released, and its own tensors are freed with it). The transient peak
+memory is therefore the rebuilt tensors plus the new version's residuals (docs/OPERATIONS.md).
 
 Anything that goes wrong before the swap (unknown version, a version that fails to verify or to
 load, a vanished state directory) leaves the served engine untouched; the failure is logged,
@@ -55,7 +58,7 @@ class Reloader:
                 self.source.check(target)
                 if target == previous:
                     return previous, previous, False
-                engine = self.source.build(target)
+                engine = self._build(target)
             except BaseException as e:
                 self.report_failure(previous, target, e)
                 raise
@@ -68,6 +71,14 @@ class Reloader:
             log.warning("state version %s -> %s: new episodes use %s; running episodes finish "
                         "on the version they started on", previous, target, target)
             return previous, target, True
+
+    def _build(self, target: str):
+        """The engine for ``target``, rebuilt beside the served one (pinned meanwhile, so a
+        concurrent stop cannot close it under the rebuild)."""
+        if self.holder.engine is None:
+            return self.source.build(target)
+        with self.holder.pinned() as served:
+            return self.source.build(target, beside=served)
 
     def report_failure(self, previous: str, target: str | None, e: BaseException) -> None:
         """Log, count and keep (for ``ServerInfo``) a refused switch to ``target``."""

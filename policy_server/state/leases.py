@@ -15,9 +15,13 @@ file description, so one process holding a snapshot also keeps its own gc off th
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("carve.state")
 
 LEASE_FILE = ".lease"
 
@@ -64,7 +68,12 @@ def acquire_shared(version_dir: Path) -> int | None:
 
 def try_exclusive(version_dir: Path) -> int | None:
     """gc's probe: an fd holding an exclusive lease, or None when a live reader holds the version
-    (or its lease file cannot be opened, which gc also treats as "in use")."""
+    (or its lease file cannot be opened, which gc also treats as "in use").
+
+    A filesystem that refuses locks (ENOLCK: NFS without a lock service; any other OSError of
+    flock alike) cannot tell gc whether a reader holds the version, and its readers go unleased
+    (:func:`acquire_shared`): gc must then assume one does and keep the version, with a warning
+    naming it, rather than fail the whole gc or delete files a live server may still read."""
     fd = _open_lease(version_dir)
     if fd is None:
         return None
@@ -72,6 +81,12 @@ def try_exclusive(version_dir: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
+        return None
+    except OSError as e:
+        os.close(fd)
+        log.warning("gc: cannot lock %s (%s: %s); a reader may hold it, so it is kept; delete it "
+                    "by hand once no server serves it", version_dir / LEASE_FILE,
+                    errno.errorcode.get(e.errno, e.errno), e.strerror or e)
         return None
     return fd
 

@@ -557,6 +557,14 @@ class StateStore:
             os.close(fd)
             raise StateError(f"state {self.path} is locked by another writer "
                              "(an admission in progress?); try again when it finishes") from None
+        except OSError as e:
+            os.close(fd)
+            # Without the writer lock two admissions could commit the same version id, so a
+            # filesystem that cannot lock is refused for writing (readers never need this lock).
+            raise StateError(f"state {self.path}: cannot take the writer lock "
+                             f"({os.strerror(e.errno) if e.errno else e}); write the state on a "
+                             "filesystem with flock support (local disk, or NFS/CephFS with "
+                             "locking) and share it read-only with the servers") from None
         return fd
 
     def _next_version_id(self) -> str:

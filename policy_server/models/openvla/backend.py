@@ -19,6 +19,7 @@ with ``carve_oft.use_film`` the ViT blocks are first FiLM-modulated by the promp
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -273,6 +274,16 @@ class OpenVLABackend(PolicyBackend):
                             for i, d in enumerate(stats)])[:, None, :]
 
     # ---- serving hooks --------------------------------------------------------------------
+    def with_module(self, module: torch.nn.Module) -> "OpenVLABackend":
+        """This backend around ``module`` (see ``PolicyBackend.with_module``): config,
+        tokenizer and image transforms are shared (read only); the per-skill statistics are
+        read again by ``attach_state`` (it replaces ``skill_stats`` and ``spec``, never mutates
+        them, so the served backend's stay as they are)."""
+        new = copy.copy(self)
+        new.module = module
+        new.skill_stats = {}
+        return new
+
     def attach_state(self, snapshot) -> None:
         """Read every skill's ``openvla_action_stats`` artifact (skills admitted without it use
         the base default); widen the spec's bounds to cover every skill's range."""

@@ -165,3 +165,28 @@ def test_note_and_invocations_are_published(tmp_path, monkeypatch, capsys):
         assert "2 invocations of this command in all, 123 s wall" in text
     assert publish.main(argv[:-1] + ["two\nlines"]) == 2
     assert "one line" in capsys.readouterr().err
+
+
+def test_named_block_is_rewritten_alone(tmp_path, monkeypatch, capsys):
+    """--block NAME rewrites only its own markers, so one doc can carry several runs."""
+    monkeypatch.chdir(tmp_path)
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text("<!-- closed-loop:begin -->\nmain run\n<!-- closed-loop:end -->\n"
+                    "<!-- closed-loop:stream:begin -->\n<!-- closed-loop:stream:end -->\n")
+    src = _write(tmp_path, _results())
+    assert publish.main([str(src), "--docs", str(docs), "--no-readme", "--block", "stream"]) == 0
+    text = docs.read_text()
+    assert text.startswith("<!-- closed-loop:begin -->\nmain run\n<!-- closed-loop:end -->\n")
+    generated = text.split("<!-- closed-loop:stream:begin -->")[1]
+    assert "| carve-r16 |" in generated
+    assert "python -m bench.closed_loop.publish results.json --block stream" in generated
+    assert publish.main([str(src), "--docs", str(docs), "--no-readme", "--block", "stream",
+                         "--check"]) == 0
+    # a block the doc does not have, and a malformed name: exit 2, one line, nothing written
+    capsys.readouterr()
+    assert publish.main([str(src), "--docs", str(docs), "--no-readme", "--block", "other"]) == 2
+    assert "closed-loop:other:begin" in capsys.readouterr().err
+    assert publish.main([str(src), "--docs", str(docs), "--no-readme", "--block", "a b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--block" in err
+    assert docs.read_text() == text

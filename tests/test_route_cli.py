@@ -19,6 +19,7 @@ from policy_server.cli import main
 from router.embedder import shared_embedder
 from router.factory import build_router
 from router.text import KEY_EMBEDDINGS, text_router_artifacts
+from router.memory_snapshot import InMemorySnapshot
 
 SKILLS = {
     "kitchen": ["turn on the stove", "put the bowl on the stove", "put the moka pot on the stove"],
@@ -33,23 +34,6 @@ QUERIES = ["switch on the stove", "put the milk carton into the basket", "make m
 @pytest.fixture(scope="module")
 def embedder():
     return shared_embedder()
-
-
-class _FakeSnapshot:
-    def __init__(self, skills, arts):
-        self._skills, self._arts, self.version = skills, arts, "v000001"
-
-    def skill_names(self):
-        return list(self._skills)
-
-    def skill(self, name):
-        return self._skills[name]
-
-    def skill_artifacts(self, name):
-        return dict(self._arts.get(name, {}))
-
-    def core(self):
-        return {}
 
 
 def _real_state(path, embedder):
@@ -83,7 +67,7 @@ def fake_store(monkeypatch, embedder, tmp_path):
     """Installs a stand-in ``policy_server.state.store`` whose StateStore(path).open() returns a
     snapshot built from SKILLS (used when the real store is not importable, and to test the CLI
     independently of it)."""
-    snap = _FakeSnapshot({n: {"instructions": v, "description": ""} for n, v in SKILLS.items()},
+    snap = InMemorySnapshot({n: {"instructions": v, "description": ""} for n, v in SKILLS.items()},
                          {n: text_router_artifacts(v, embedder) for n, v in SKILLS.items()})
     _install_fake_store(monkeypatch, snap)
     return snap
@@ -177,7 +161,7 @@ def test_cli_hybrid_with_image_and_state_equals_api(capsys, monkeypatch, embedde
     arts = {n: {**text_router_artifacts(v, embedder),
                 **observation_prototype_artifacts([frame(i), frame(i)])}
             for i, (n, v) in enumerate(skills.items())}
-    snap = _FakeSnapshot({n: {"instructions": v} for n, v in skills.items()}, arts)
+    snap = InMemorySnapshot({n: {"instructions": v} for n, v in skills.items()}, arts)
     _install_fake_store(monkeypatch, snap)
     png = tmp_path / "first.png"
     obs = frame(1)

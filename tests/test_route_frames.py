@@ -27,6 +27,7 @@ from router.embedder import shared_embedder
 from router.factory import build_router
 from router.hybrid import HybridRouter, ObservationPrototypeScorer, observation_prototype_artifacts
 from router.text import text_router_artifacts
+from router.memory_snapshot import InMemorySnapshot
 
 SIDE = 96
 # task -> (bowl centre, plate centre, box centre) in pixels (row, col)
@@ -70,23 +71,6 @@ def scene(task: str, rng, jitter: int = 2, brightness: float = 1.0) -> np.ndarra
 def obs_of(img: np.ndarray, extra: dict | None = None) -> ObservationBatch:
     return ObservationBatch(state=np.zeros((1, 8), np.float32), instructions=[""],
                             images={"agentview": img[None], **(extra or {})})
-
-
-class FakeSnapshot:
-    def __init__(self, skills, arts):
-        self._skills, self._arts = skills, arts
-
-    def skill_names(self):
-        return list(self._skills)
-
-    def skill(self, name):
-        return self._skills[name]
-
-    def skill_artifacts(self, name):
-        return dict(self._arts.get(name, {}))
-
-    def core(self):
-        return {}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +181,7 @@ def test_descriptor_scorer_held_out_jitter_and_shared_scene(embedder):
 
 def test_hybrid_with_descriptor_routes_by_frame_and_text(embedder):
     rng = np.random.default_rng(4)
-    snap = FakeSnapshot({t: {"instructions": v} for t, v in INSTR.items()}, _arts(embedder, rng))
+    snap = InMemorySnapshot({t: {"instructions": v} for t, v in INSTR.items()}, _arts(embedder, rng))
     hybrid = build_router("hybrid", snap, {"embedder": embedder})  # auto: descriptors stored
     assert isinstance(hybrid, HybridRouter) and isinstance(hybrid.obs, DescriptorScorer)
     assert hybrid.obs.cameras == ["agentview"]
@@ -221,7 +205,7 @@ def test_factory_observation_choice_and_stale_spec(embedder):
     arts = _arts(embedder, rng, n_frames=2)
     for t in arts:  # the old thumbnail prototypes too: "prototypes" must still pick them
         arts[t].update(observation_prototype_artifacts([obs_of(scene(t, rng))]))
-    snap = FakeSnapshot({t: {"instructions": v} for t, v in INSTR.items()}, arts)
+    snap = InMemorySnapshot({t: {"instructions": v} for t, v in INSTR.items()}, arts)
     assert isinstance(build_router("hybrid", snap, {"embedder": embedder,
                                                     "observation": "prototypes"}).obs,
                       ObservationPrototypeScorer)
@@ -233,12 +217,12 @@ def test_factory_observation_choice_and_stale_spec(embedder):
     spec = json.loads(bytes(old[KEY_OBS_DESCRIPTOR_SPEC].tolist()).decode())
     spec["version"] = -1
     old[KEY_OBS_DESCRIPTOR_SPEC] = torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8)
-    snap2 = FakeSnapshot(snap._skills, {**arts, "goal_b": old})
+    snap2 = InMemorySnapshot(snap._skills, {**arts, "goal_b": old})
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         h2 = build_router("hybrid", snap2, {"embedder": embedder, "observation": "descriptor"})
     assert "goal_b" not in h2.obs.skills and any("goal_b" in str(x.message) for x in w)
-    none = FakeSnapshot({t: {"instructions": v} for t, v in INSTR.items()},
+    none = InMemorySnapshot({t: {"instructions": v} for t, v in INSTR.items()},
                         {t: text_router_artifacts(v, embedder) for t, v in INSTR.items()})
     with pytest.raises(StateError, match="descriptors"):
         build_router("hybrid", none, {"embedder": embedder, "observation": "descriptor"})
@@ -318,7 +302,7 @@ def test_real_libero_first_frames_cached_and_routed(embedder, tmp_path, monkeypa
                                **observation_descriptor_artifacts([obs[(t, 0)], obs[(t, 1)]],
                                                                   cams)}
             for t in (0, 3)}
-    snap = FakeSnapshot({s: {"instructions": v} for s, v in skills.items()}, arts)
+    snap = InMemorySnapshot({s: {"instructions": v} for s, v in skills.items()}, arts)
     hybrid = build_router("hybrid", snap, {"embedder": embedder, "observation": "descriptor"})
     for t in (0, 3):
         d = hybrid.route("pick up the black bowl and put it on the plate", obs[(t, 2)])

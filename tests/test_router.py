@@ -25,6 +25,7 @@ from router.hybrid import (KEY_OBS_PROTOTYPES, HybridRouter, ObservationPrototyp
 from router.text import (KEY_EMBEDDINGS, KEY_MODEL, KEY_TEXTS, TextEmbeddingHook, TextRouter,
                          text_router_artifacts)
 from router.vsubspace import ARTIFACT_PREFIX, VSubspaceHook, VSubspaceRouter, module_feature_fn
+from router.memory_snapshot import InMemorySnapshot
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "routing"
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
@@ -58,24 +59,6 @@ def suite_router(embedder, libero, libero_embeddings) -> TextRouter:
     return TextRouter({s: [t["language"] for t in lib[s]] for s in SUITES}, embedder,
                       embeddings={s: torch.cat([libero_embeddings[t["task"]] for t in lib[s]])
                                   for s in SUITES})
-
-
-class FakeSnapshot:
-    """The StateSnapshot surface the routers read: skill_names, skill, skill_artifacts."""
-
-    def __init__(self, skills: dict[str, dict], artifacts: dict[str, dict] | None = None):
-        self._skills = skills
-        self._arts = artifacts or {}
-        self.version = "v000001"
-
-    def skill_names(self):
-        return list(self._skills)
-
-    def skill(self, name):
-        return self._skills[name]
-
-    def skill_artifacts(self, name):
-        return dict(self._arts.get(name, {}))
 
 
 # ------------------------------------------------------------------------------ embedder
@@ -180,7 +163,7 @@ def _libero_snapshot(libero, embedder, cache=True):
               for s in SUITES}
     arts = {s: text_router_artifacts(v["instructions"], embedder) for s, v in skills.items()} \
         if cache else {}
-    return FakeSnapshot(skills, arts)
+    return InMemorySnapshot(skills, arts)
 
 
 def test_artifacts_layout(embedder):
@@ -348,7 +331,7 @@ def test_hybrid_disambiguates_shared_instruction(embedder):
             "bowl_cabinet_scene": observation_prototype_artifacts(demos[1]),
             "ketchup": observation_prototype_artifacts([_scene_obs(0, rng)])}
     assert arts["ketchup"][KEY_OBS_PROTOTYPES].shape == (1, 8 + 8 * 8 * 3)
-    snap = FakeSnapshot({s: {"instructions": v} for s, v in instr.items()}, arts)
+    snap = InMemorySnapshot({s: {"instructions": v} for s, v in instr.items()}, arts)
     text = build_router("text", snap, {"embedder": embedder})
     hybrid = build_router("hybrid", snap, {"embedder": embedder})
     assert isinstance(hybrid, HybridRouter) and isinstance(hybrid.obs, ObservationPrototypeScorer)
@@ -370,7 +353,7 @@ def test_hybrid_disambiguates_shared_instruction(embedder):
 # ------------------------------------------------------------------------------ factory
 
 def test_factory_kinds_and_errors(embedder):
-    snap = FakeSnapshot({"a": {"instructions": ["turn on the stove"]},
+    snap = InMemorySnapshot({"a": {"instructions": ["turn on the stove"]},
                          "b": {"instructions": ["open the drawer"], "description": "drawers"}})
     ex = build_router("exact", snap)
     assert isinstance(ex, ExactRouter) and ex.route("Turn on the  stove").skill == "a"
@@ -395,7 +378,7 @@ def test_factory_vsubspace_and_hybrid_with_value_subspace(embedder):
         hook = VSubspaceHook(key)
         hook.on_tensor(key, w, tau)
         arts[name] = hook.artifacts()
-    snap = FakeSnapshot({n: {"instructions": ["put the bowl on the plate"]} for n in experts}, arts)
+    snap = InMemorySnapshot({n: {"instructions": ["put the bowl on the plate"]} for n in experts}, arts)
     model = TinyExpertBlock()
     cfg = {"embedder": embedder, "feature_fn": module_feature_fn(model, key, model)}
     with pytest.raises(InputError, match="served model"):

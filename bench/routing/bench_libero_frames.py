@@ -54,6 +54,7 @@ from bench.routing.bench_routing import (SUITES, load_data, percentile_ms,  # no
 from bench.routing.libero_frames import (RESOLUTION, SETTLE_STEPS, _parse_range,  # noqa: E402
                                          frame_path, load_frame, missing_frames,
                                          render_in_subprocess)
+from router.memory_snapshot import InMemorySnapshot  # noqa: E402
 
 CAMERA_KEYS = {"agentview": "agentview", "wrist": "wrist"}  # served camera name -> npz key
 
@@ -66,26 +67,6 @@ def frame_observation(frame: dict, cameras: list[str]):
 
     return ObservationBatch(state=frame["state"][None].astype(np.float32), instructions=[""],
                             images={c: rotate_180(frame[CAMERA_KEYS[c]])[None] for c in cameras})
-
-
-class MemoSnapshot:
-    """In-memory stand-in for a ``StateSnapshot`` (skill records + hook artifacts), for the tuning
-    grid only, so it does not re-admit 40 experts per grid point."""
-
-    def __init__(self, records: dict, artifacts: dict):
-        self._r, self._a = records, artifacts
-
-    def skill_names(self):
-        return list(self._r)
-
-    def skill(self, name):
-        return self._r[name]
-
-    def skill_artifacts(self, name):
-        return dict(self._a.get(name, {}))
-
-    def core(self):
-        return {}
 
 
 class MemoEmbedder:
@@ -251,7 +232,7 @@ def tune(tasks, para, ood, frames, embedder, cameras, register, log=print) -> di
     arts = {t: {**text_router_artifacts([lang], embedder),
                 **observation_descriptor_artifacts([frames[(t, i)] for i in reg], cameras)}
             for _, t, lang in tasks}
-    snap = MemoSnapshot(records, arts)
+    snap = InMemorySnapshot(records, arts)
     dev_obs = {t: [frames[(t, dev)]] for _, t, _ in tasks}
     grid = []
     text = build_router("text", snap, {"embedder": memo})

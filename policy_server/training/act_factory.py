@@ -40,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -53,10 +51,10 @@ from tqdm.auto import tqdm
 from policy_server.errors import InputError
 from policy_server.sim.suites import Preset, get_preset, instruction_for
 from policy_server.training.train import (
-    ChunkDataset, _loss_summary, cache_dir, load_or_collect_demos, norm_stats)
+    ChunkDataset, _loss_summary, cache_dir, load_or_collect_demos, norm_stats,
+    reuse_or_prepare_output, write_factory_json)
 
 ACT_FACTORY_VERSION = 1
-_MARKER = ".carve-factory"
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0  # Meta-World's action space: Box(-1, 1, (4,))
 
 # ACT architecture + training per preset. Tiny on purpose (2 shared CPU cores): no image
@@ -273,19 +271,9 @@ def _build(preset, out, force, progress, act, max_suites) -> dict:
     opts = act_options(p.name, act)
     key = act_hash(p, opts)
     out = Path(out) if out else cache_dir() / "factory" / f"act-{p.name}-{key}"
-    fj = out / "factory.json"
-    if fj.is_file() and not force:
-        done = json.loads(fj.read_text())
-        if done.get("hash") == key:
-            return done
-    if out.exists():
-        # never mix builds, and only delete what a factory build wrote (its marker file)
-        if any(out.iterdir()) and not (out / _MARKER).is_file():
-            raise InputError(f"{out}: exists, is not empty and is not a carve factory output; "
-                             "choose another out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / _MARKER).write_text(key + "\n")
+    done = reuse_or_prepare_output(out, key, force)
+    if done is not None:
+        return done
     t_start = time.perf_counter()
     torch.manual_seed(p.seed)  # ACT's weight init
     from lerobot.policies.act.modeling_act import ACTPolicy
@@ -330,9 +318,7 @@ def _build(preset, out, force, progress, act, max_suites) -> dict:
             "tasks": list(suite_tasks), "instructions": [instruction_for(t) for t in suite_tasks],
             "losses": _loss_summary(losses), "seconds": round(time.perf_counter() - t0, 2)})
     result["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    tmp = fj.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, fj)
+    write_factory_json(out, result)
     return result
 
 

@@ -34,6 +34,7 @@ from policy_server.errors import InputError
 from policy_server.models.base import ObservationBatch
 from policy_server.models.demo_vla import DemoVLABackend, DemoVLAConfig
 from policy_server.sim.suites import Preset, get_preset, instruction_for
+from policy_server.tensors import durable
 from policy_server.training.lora import DEFAULT_TARGET_MODULES, inject_lora, save_peft_adapter
 
 FACTORY_VERSION = 1
@@ -210,14 +211,16 @@ def build_factory(preset: str | Preset = "demo", out: str | Path | None = None, 
         torch.set_num_threads(prev_threads)
 
 
-def _build_factory(preset, out, lora, force, lora_rank, eval_episodes, progress) -> dict:
-    p = get_preset(preset) if isinstance(preset, str) else preset
-    if lora_rank is not None:
-        p = replace(p, lora_rank=int(lora_rank))
-    if eval_episodes is not None:
-        p = replace(p, eval_episodes=int(eval_episodes))
-    key = preset_hash(p, lora, p.lora_rank)
-    out = Path(out) if out else cache_dir() / "factory" / f"{p.name}-{key}{'-lora' if lora else ''}"
+def write_factory_json(out: Path, result: dict) -> None:
+    """Commit a finished build: ``out/factory.json`` written atomically and durably (its
+    presence with the right hash is what marks the build as reusable)."""
+    durable.write_bytes_durable(out / "factory.json",
+                                (json.dumps(result, indent=2) + "\n").encode())
+
+
+def reuse_or_prepare_output(out: Path, key: str, force: bool) -> dict | None:
+    """The cached factory.json content when ``out`` holds a finished build of ``key`` (and not
+    ``force``); else ``out`` is emptied and marked for a fresh build and None is returned."""
     fj = out / "factory.json"
     if fj.is_file() and not force:
         done = json.loads(fj.read_text())
@@ -232,6 +235,20 @@ def _build_factory(preset, out, lora, force, lora_rank, eval_episodes, progress)
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / _MARKER).write_text(key + "\n")
+    return None
+
+
+def _build_factory(preset, out, lora, force, lora_rank, eval_episodes, progress) -> dict:
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    if lora_rank is not None:
+        p = replace(p, lora_rank=int(lora_rank))
+    if eval_episodes is not None:
+        p = replace(p, eval_episodes=int(eval_episodes))
+    key = preset_hash(p, lora, p.lora_rank)
+    out = Path(out) if out else cache_dir() / "factory" / f"{p.name}-{key}{'-lora' if lora else ''}"
+    done = reuse_or_prepare_output(out, key, force)
+    if done is not None:
+        return done
     t_start = time.perf_counter()
     torch.manual_seed(p.seed)
 
@@ -305,7 +322,5 @@ def _build_factory(preset, out, lora, force, lora_rank, eval_episodes, progress)
                           "replan_every": p.replan_every, "success": ev,
                           "seconds": round(time.perf_counter() - t0, 2)}
     result["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    tmp = fj.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, fj)
+    write_factory_json(out, result)
     return result

@@ -92,6 +92,11 @@ class RuntimeEngine(PolicyEngine):
     def infer(self, observation: ObservationBatch, skill: str | None) -> np.ndarray:
         return np.asarray(self.batcher.submit(observation, skill).result(), dtype=np.float32)
 
+    def end_episode(self, episode_id: str) -> None:
+        end = getattr(self.runtime.backend, "end_episode", None)  # duck-typed backends may lack it
+        if end is not None:
+            end(episode_id)
+
     def info(self) -> dict:
         return {"backend": self.backend_name, "mode": self.runtime.mode,
                 "state_version": self.snapshot.version if self.snapshot is not None else "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +56,7 @@ def family(request, tmp_path_factory):
         base_dir=str(fam["base"]), state_dir=str(fam["state"]), router="exact")),
         ServerConfig(port=0))
     port = server.start()
+    fam["server"] = server
     fam["client"] = PolicyClient(f"127.0.0.1:{port}", retries=0)
     fam["client"].wait_ready(60)
     yield fam
@@ -288,6 +290,12 @@ def test_per_episode_state_is_isolated(family):
     if family["kind"] == "diffusion":  # history matters: step 1 differs from a fresh episode
         fresh = _serve_episode(client, "skill1", a_obs[1:2])[0]
         assert np.abs(fresh - alone_a[1]).max() > 1e-4
+    # the server tells the backend when each episode ended: no episode state outlives it
+    states = family["server"].holder.engine.runtime.backend.episodes
+    deadline = time.monotonic() + 5
+    while len(states) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(states) == 0
 
 
 # ---- offline VLM resolution (SmolVLA) ------------------------------------------------------------

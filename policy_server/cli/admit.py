@@ -105,6 +105,53 @@ def collect_method_options(args: argparse.Namespace, method: str) -> dict:
     return out
 
 
+def spec_camera_names(base_dir) -> list[str]:
+    """The wire camera keys of the base's spec (what clients send and the server routes on),
+    read from its config.json without loading weights for the built-in backends (demo VLA,
+    OpenVLA, LeRobot); any other model directory is loaded to ask its spec."""
+    from pathlib import Path
+
+    from policy_server.models.config_json import read_config_json
+    from policy_server.models.registry import detect_backend, load_backend
+
+    cls = detect_backend(base_dir)
+    name = cls.__name__
+    if name == "DemoVLABackend":
+        return sorted(read_config_json(Path(base_dir), "a demo-VLA directory").get("cameras") or {})
+    if name == "OpenVLABackend":
+        from policy_server.models.openvla.backend import image_keys
+        from policy_server.models.openvla.config import read_config
+
+        oft = read_config(base_dir).oft
+        return sorted(image_keys(oft.num_images_in_input if oft else 1))
+    if name == "LeRobotBackend":
+        from policy_server.models.lerobot.backend import wire_camera_key
+
+        feats = read_config_json(Path(base_dir), "a LeRobot policy").get("input_features") or {}
+        return sorted(wire_camera_key(k) for k, v in feats.items()
+                      if isinstance(v, dict) and v.get("type") == "VISUAL")
+    return sorted(load_backend(base_dir).spec.images)
+
+
+def _frames_hook(args):
+    """``ObservationDescriptorHook`` over ``--frames`` (InputError for bad files or cameras the
+    base's spec does not have: the server could never see them in an observation)."""
+    from router.descriptor import ObservationDescriptorHook, load_frames
+
+    frames = load_frames(args.frames)
+    cams = sorted(frames[0]["images"])
+    try:
+        known = spec_camera_names(args.base)
+    except InputError as e:  # e.g. a bare checkpoint: no spec, so no camera to route on
+        raise InputError(f"--frames: cannot read the camera names of the base's spec ({e})") \
+            from e
+    unknown = [c for c in cams if c not in known]
+    if unknown:
+        raise InputError(f"--frames: cameras {unknown} are not in the base's spec (its cameras: "
+                         f"{', '.join(known) or 'none'})")
+    return ObservationDescriptorHook(frames, cams)
+
+
 def _build_hooks(args) -> list:
     from policy_server.merge.hooks import ValueSubspaceHook
     from policy_server.models.registry import backend_admission_hooks
@@ -112,6 +159,8 @@ def _build_hooks(args) -> list:
     # first: the base's backend validates the expert (e.g. LeRobot architecture fields, processor
     # files) before anything heavy is loaded, and stores what it needs per skill
     hooks = backend_admission_hooks(args.base, args.expert)
+    if args.frames:
+        hooks.append(_frames_hook(args))
     if args.value_subspace:
         hooks.append(ValueSubspaceHook(args.value_subspace, k=args.value_subspace_k))
     if (args.instruction or args.description) and not args.no_embed:
@@ -221,6 +270,12 @@ def register(sub) -> None:
                         "(e.g. '*.v_proj.weight') for the value-subspace router (repeatable)")
     p.add_argument("--value-subspace-k", type=int, default=8, metavar="K",
                    help="singular vectors kept per matched tensor (default 8)")
+    p.add_argument("--frames", action="append", metavar="NPZ",
+                   help="first frames of this skill's episodes for the hybrid router's first-"
+                        "frame descriptors (repeatable): an .npz file, or a directory of them, "
+                        "with one uint8 array per camera named by the base spec's camera key, "
+                        "(H, W, 3) or (N, H, W, 3) RGB exactly as the client sends it (e.g. LIBERO "
+                        "agentview rotated 180 degrees); serve with --router hybrid")
     p.add_argument("--router-model", default=None, metavar="PATH",
                    help="sentence-transformers model dir for the cached instruction embeddings "
                         "(default: the packaged all-MiniLM-L6-v2)")

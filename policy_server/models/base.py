@@ -111,6 +111,11 @@ class PolicyBackend(ABC):
         built: a backend with per-skill non-weight data (e.g. LeRobot's per-skill processors,
         stored as skill artifacts) loads it here. Default: nothing."""
 
+    def end_episode(self, episode_id: str) -> None:
+        """An episode ended (the service calls this once per episode, whatever its outcome): a
+        backend with per-episode state (LeRobot's queues, ensemblers, RNG) drops it. Default:
+        nothing."""
+
     @classmethod
     def admission_hooks(cls, base_dir: str | Path, expert_dir: str | Path) -> list:
         """``merge.hooks.AdmissionHook``s this backend needs when ``expert_dir`` is admitted over

@@ -59,6 +59,11 @@ class PolicyEngine(ABC):
         the transport, and said so in the episode's notes) instead of refused."""
         return False
 
+    def end_episode(self, episode_id: str) -> None:
+        """The episode ``episode_id`` (from its EpisodeStarted) ended, however it ended: drop
+        any per-episode state. Called once per opened episode, from the server's event loop, so
+        it must not block. Default: nothing."""
+
     def info(self) -> dict:
         """Free-form facts for ServerInfo (backend, mode, state version, router...)."""
         return {}

@@ -223,6 +223,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 self.slots.leave(stream)
                 if opened:
                     self.metrics.closed(opened[0], outcome)
+                    # per-episode backend state (LeRobot's queues) would otherwise live until
+                    # LRU eviction; a failure here must not replace the episode's own status
+                    try:
+                        engine.end_episode(opened[0].episode_id)
+                    except Exception:  # noqa: BLE001
+                        log.exception("episode %s: end_episode failed", opened[0].episode_id)
 
     async def _next(self, stream: EpisodeStream, context, waiting_for: str):
         """The next request of the stream, or None when the client half-closed it; the idle

@@ -9,7 +9,13 @@ settle, then loops: preprocess the observation with the selected convention (see
 again. An episode succeeds when the env reports ``done`` (the BDDL goal predicate holds) within
 ``max_steps`` (suite default: 220/280/300/520/400). One server episode per LIBERO episode, opened
 with the task language, so the server's router picks the skill per instruction unless ``skill`` is
-forced.
+forced. When routing (no ``skill``) the episode is opened *after* the reset to the init state, with
+that first observation (``first_state``/``first_images``, prepared by the convention and mapped to
+the server spec's cameras exactly like every step's observation), so a router that looks at the
+first frame (the hybrid router's first-frame descriptors) sees the scene. That frame is the one
+right after ``set_init_state``, before the settle steps: the frame bench/routing/libero_frames.py
+registers (``settle = 0``). ``route_first_frame=False`` (CLI ``--no-route-first-frame``) opens the
+episode with the instruction alone.
 
 Rendering on CPU needs ``MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa`` (Debian ``libosmesa6``); they
 are set here when unset, before robosuite is imported. Measured on 2 shared CPU cores: env build
@@ -106,10 +112,32 @@ class VideoRecorder:
         return gif
 
 
+def reset_to_init(env, init_state: np.ndarray) -> dict:
+    """``env.reset()`` then ``env.set_init_state(init_state)``: the episode's first observation
+    (LIBERO obs dict: ``agentview_image`` uint8 (R, R, 3) as rendered, upside down, ...)."""
+    env.reset()
+    return env.set_init_state(init_state)
+
+
+def first_frame(obs: dict, language: str, convention: Convention, spec: Any
+                ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """The observation ``obs`` as the episode's steps send it: (state (state_dim,) float32,
+    {spec camera: uint8 (h, w, 3)} or None when the spec has no cameras), for
+    ``PolicyClient.episode(first_state=..., first_images=...)``."""
+    spec_images = dict(_spec_value(spec, "images", {}) or {})
+    state_dim = int(_spec_value(spec, "state_dim", 0) or 0)
+    prepared = convention.prepare(obs, language)
+    images = map_to_spec_images(prepared.images, spec_images) if spec_images else None
+    return _state_for_spec(prepared.state, state_dim), images
+
+
 def run_episode(ep, env, init_state: np.ndarray, language: str, convention: Convention,
                 max_steps: int, encode: str = "raw", replan_steps: int | None = None,
-                recorder: VideoRecorder | None = None) -> dict:
+                recorder: VideoRecorder | None = None, first_obs: dict | None = None) -> dict:
     """Run one LIBERO episode with an open server episode ``ep``.
+
+    first_obs: the observation ``reset_to_init(env, init_state)`` returned when the caller already
+    reset the env (to open ``ep`` with the first frame); None resets here.
 
     Returns ``{"success": bool, "steps": policy steps executed, "requests": infer calls,
     "infer_s": total seconds in ep.infer, "sim_s": seconds in env.step}``."""
@@ -121,8 +149,7 @@ def run_episode(ep, env, init_state: np.ndarray, language: str, convention: Conv
     spec_images = dict(_spec_value(spec, "images", {}) or {})
     state_dim = int(_spec_value(spec, "state_dim", 0) or 0)
     replan = replan_steps or convention.replan_steps
-    env.reset()
-    obs = env.set_init_state(init_state)
+    obs = reset_to_init(env, init_state) if first_obs is None else first_obs
     for _ in range(NUM_STEPS_WAIT):  # let objects fall/settle, as both reference evaluations do
         obs, _, _, _ = env.step(DUMMY_ACTION.tolist())
     plan: list[np.ndarray] = []
@@ -157,10 +184,14 @@ def run_suite(client, suite: str = "libero_spatial", tasks: list[int] | None = N
               max_steps: int | None = None, seed: int = 0, video_dir: str | Path | None = None,
               resolution: int = ENV_RESOLUTION, replan_steps: int | None = None,
               skill: str | None = None, encode: str = "raw", out_json: str | Path | None = None,
-              on_episode: Callable[[dict], None] | None = None) -> dict:
+              on_episode: Callable[[dict], None] | None = None,
+              route_first_frame: bool = True) -> dict:
     """Evaluate ``client`` (a ``PolicyClient`` or anything with its ``episode()`` API) on a suite.
 
     tasks: task indices (default: all); episode i of a task starts from the suite's init state i.
+    route_first_frame: when routing (``skill`` None), open each episode with its first observation
+    (see the module doc; needs ``client.server_info()`` for the spec, asked once); ignored when
+    ``skill`` is given, whose episodes open exactly as before (before the reset, no observation).
     Returns (and writes to ``out_json``) ``{"suite", "convention", "seed", "tasks": {task_id:
     {"name", "language", "episodes", "successes", "success_rate", "mean_steps"}}, "success_rate",
     "episodes": [per-episode dicts], "wall_s"}``."""
@@ -176,6 +207,10 @@ def run_suite(client, suite: str = "libero_spatial", tasks: list[int] | None = N
         raise ValueError(f"{suite} has tasks 0..{bench.n_tasks - 1}, got {bad}")
     base_suite = next((k for k in MAX_STEPS if suite.startswith(k)), None)
     steps_budget = max_steps or MAX_STEPS.get(suite) or MAX_STEPS.get(base_suite or "", 400)
+    # the first frame must be shaped like the steps' observations, so the spec is needed before
+    # the episode (which would carry it) is open
+    send_first = route_first_frame and skill is None
+    spec = client.server_info()["spec"] if send_first else None
     np.random.seed(seed)
     result: dict[str, Any] = {"suite": suite, "convention": conv.name, "seed": seed,
                               "max_steps": steps_budget, "tasks": {}, "episodes": []}
@@ -202,9 +237,16 @@ def run_suite(client, suite: str = "libero_spatial", tasks: list[int] | None = N
                 info = {"suite": suite, "task_id": str(task_id), "episode": str(e),
                         "convention": conv.name, "unnorm_key": suite}
                 t0 = time.perf_counter()
-                with client.episode(task.language, skill=skill, info=info) as ep:
+                first, kw = None, {}
+                if send_first:
+                    first = reset_to_init(env, init_states[e])
+                    state0, images0 = first_frame(first, task.language, conv, spec)
+                    # the proto carries images only inside an observation, which needs a state
+                    kw = {"first_state": state0, "first_images": images0}
+                with client.episode(task.language, skill=skill, info=info, **kw) as ep:
                     res = run_episode(ep, env, init_states[e], task.language, conv, steps_budget,
-                                      encode=encode, replan_steps=replan_steps, recorder=rec)
+                                      encode=encode, replan_steps=replan_steps, recorder=rec,
+                                      first_obs=first)
                     res["skill"] = getattr(ep, "skill", None)
                 res.update(task_id=task_id, episode=e, wall_s=time.perf_counter() - t0,
                            env_build_s=build_s if e == 0 else 0.0)
@@ -248,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=ENV_RESOLUTION)
     p.add_argument("--skill", default=None, help="force a skill (default: the server's router)")
+    p.add_argument("--no-route-first-frame", dest="route_first_frame", action="store_false",
+                   help="when routing, open each episode with the instruction only (default: "
+                        "also send the first observation, for routers that look at the scene)")
     p.add_argument("--encode", choices=("raw", "jpeg", "png"), default="raw")
     p.add_argument("--video-dir", default=None)
     p.add_argument("--out", default=None, help="write the JSON result here")
@@ -272,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                         episodes_per_task=args.episodes_per_task, convention=conv,
                         max_steps=args.max_steps, seed=args.seed, video_dir=args.video_dir,
                         resolution=args.resolution, replan_steps=args.replan_steps,
-                        skill=args.skill, encode=args.encode, out_json=args.out)
+                        skill=args.skill, encode=args.encode, out_json=args.out,
+                        route_first_frame=args.route_first_frame)
     except (ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -177,6 +177,60 @@ def observation_descriptor_artifacts(frames: list, cameras: list[str] | None = N
             KEY_OBS_DESCRIPTOR_SPEC: encode_spec(cameras)}
 
 
+def load_frames(paths) -> list[dict]:
+    """First frames from npz files for ``ObservationDescriptorHook`` (``carve admit --frames``).
+
+    paths: npz files and/or directories (every ``*.npz`` directly in one, in name order). Each
+    file holds one array per camera, named by the server spec's camera key, uint8 (H, W, 3) (one
+    frame) or (N, H, W, 3) (N frames), RGB as the client sends it (e.g. LIBERO's agentview already
+    rotated by 180 degrees); every camera of a file has the same N, every file the same cameras.
+    -> N_total observations {"images": {camera: uint8 (H, W, 3)}}; InputError naming the file for
+    a missing path, an unreadable file, a non-uint8 or mis-shaped array."""
+    from pathlib import Path
+
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.npz"))
+            if not found:
+                raise InputError(f"--frames {p}: no .npz files in the directory")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"--frames {p}: no such file or directory")
+    frames, cams = [], None
+    for f in files:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # noqa: BLE001 - zip, pickle or format errors: one clear line
+            raise InputError(f"--frames {f}: not a readable npz ({type(e).__name__}: {e})") from e
+        if not arrays:
+            raise InputError(f"--frames {f}: holds no arrays (one per camera expected)")
+        if cams is not None and sorted(arrays) != cams:
+            raise InputError(f"--frames {f}: cameras {sorted(arrays)} differ from the first "
+                             f"file's {cams}")
+        cams = sorted(arrays)
+        n = None
+        for k, a in arrays.items():
+            if a.dtype != np.uint8:
+                raise InputError(f"--frames {f}: camera {k!r} is {a.dtype}, expected uint8 pixels")
+            if a.ndim == 3:
+                a = a[None]
+            if a.ndim != 4 or a.shape[-1] != 3 or a.shape[1] < GRID or a.shape[2] < GRID:
+                raise InputError(f"--frames {f}: camera {k!r} has shape {arrays[k].shape}, "
+                                 f"expected (H, W, 3) or (N, H, W, 3) RGB with H, W >= {GRID}")
+            if n is not None and a.shape[0] != n:
+                raise InputError(f"--frames {f}: cameras hold different frame counts")
+            n = a.shape[0]
+            arrays[k] = a
+        frames += [{"images": {k: arrays[k][i] for k in cams}} for i in range(n)]
+    if not frames:
+        raise InputError("--frames: no frames given")
+    return frames
+
+
 class ObservationDescriptorHook:
     """Admission hook (``policy_server.merge.hooks.AdmissionHook`` protocol, like
     ``TextEmbeddingHook``): stores the descriptors of the skill's first frames (e.g. the first

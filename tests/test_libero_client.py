@@ -44,8 +44,11 @@ class ScriptedEnv:
                 "robot0_eef_quat": np.array([1.0, 0, 0, 0]),
                 "robot0_gripper_qpos": np.array([0.04, -0.04])}
 
+    resets = 0
+
     def reset(self):
         self.t = 0
+        self.resets += 1
 
     def set_init_state(self, s):
         return self._obs()
@@ -73,6 +76,31 @@ def test_run_episode_replans_and_postprocesses():
     res = lc.run_episode(EpisodeDouble([0] * 7), env, None, "pick",
                          lp.make_convention("openpi"), max_steps=50)
     assert res["success"] and res["steps"] == 3
+
+
+def test_first_frame_is_prepared_like_the_steps_and_env_reset_once():
+    """``first_frame`` of the reset observation is exactly what the first step would send for
+    it (same convention, same spec camera mapping and resize); ``run_episode(first_obs=...)``
+    does not reset again but still waits the settle steps."""
+    env = ScriptedEnv()
+    conv = lp.make_convention("openpi")
+    ep = EpisodeDouble([0] * 7, images={"agentview": SimpleNamespace(height=48, width=48),
+                                        "wrist": SimpleNamespace(height=48, width=48)})
+    obs0 = lc.reset_to_init(env, None)
+    state0, images0 = lc.first_frame(obs0, "pick", conv, ep.spec)
+    assert env.resets == 1 and state0.shape == (8,) and state0.dtype == np.float32
+    assert sorted(images0) == ["agentview", "wrist"]
+    assert images0["agentview"].shape == (48, 48, 3) and images0["agentview"].dtype == np.uint8
+    prepared = conv.prepare(obs0, "pick")
+    assert np.array_equal(images0["agentview"], lp.map_to_spec_images(
+        prepared.images, ep.spec.images)["agentview"])
+    lc.run_episode(ep, env, None, "pick", conv, max_steps=2, first_obs=obs0)
+    assert env.resets == 1 and len(env.actions) == lp.NUM_STEPS_WAIT + 2
+    # a pure-vision spec gets the empty state the steps get; no cameras: no images
+    s, im = lc.first_frame(obs0, "pick", conv, SimpleNamespace(state_dim=0, images={}))
+    assert s.shape == (0,) and im is None
+    with pytest.raises(ValueError, match="state_dim=39"):
+        lc.first_frame(obs0, "pick", conv, SimpleNamespace(state_dim=39, images={}))
 
 
 def test_run_episode_rejects_wrong_spec():
@@ -133,12 +161,16 @@ class ScriptedEngine:
                               action_high=[1.0] * 7,
                               images={"agentview": ImageSpec(64, 64), "wrist": ImageSpec(64, 64)})
             seen: list = []
+            routed: list = []  # (instruction, first observation or None) per routed episode
 
             def skills(self):
                 return [{"name": "libero_spatial", "instructions": [], "description": "",
                          "order": 0}]
 
             def route(self, instruction, observation=None):
+                self.routed.append((instruction, None if observation is None else
+                                    (observation.state[0].copy(),
+                                     {k: v[0].copy() for k, v in observation.images.items()})))
                 return RouteDecision("libero_spatial", 0.9, [("libero_spatial", 0.9)], margin=0.9)
 
             def infer(self, observation, skill):
@@ -170,6 +202,14 @@ def test_run_suite_real_libero_over_grpc(tmp_path):
         client.close()
     finally:
         server.stop(grace=0)
+    # routed (no skill): the episode opened with the first frame, taken right after
+    # set_init_state (before the settle steps), prepared like the steps' observations
+    assert len(engine.routed) == 1
+    r_instr, r_obs = engine.routed[0]
+    assert r_instr.startswith("pick up the black bowl between the plate") and r_obs is not None
+    r_state, r_images = r_obs
+    assert sorted(r_images) == ["agentview", "wrist"]
+    assert r_images["agentview"].shape == (64, 64, 3) and r_state.shape == (8,)
     assert res["tasks"]["0"]["episodes"] == 1 and res["episodes"][0]["steps"] == 6
     assert not res["episodes"][0]["success"]  # lifting the empty gripper solves nothing
     assert res["episodes"][0]["skill"] == "libero_spatial"
@@ -180,6 +220,10 @@ def test_run_suite_real_libero_over_grpc(tmp_path):
     assert s1[2] > s0[2] + 0.01  # eef z rose over 3 steps of +z
     assert s1[6] < s0[6]  # finger joint closing (+1 = close in robosuite)
     assert not np.array_equal(im0["wrist"], im1["wrist"])  # the rendered view changed
+    # the routed frame is the pre-settle one: the objects have not dropped yet, the state (same
+    # arm pose) is nearly the one the policy's first step sees
+    assert np.allclose(r_state[:3], s0[:3], atol=0.02)
+    assert not np.array_equal(r_images["agentview"], im0["agentview"])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["suite"] == "libero_spatial" and saved["convention"] == "openpi"
     assert (tmp_path / "v" / "libero_spatial_task00_ep00.mp4").stat().st_size > 0

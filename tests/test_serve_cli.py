@@ -93,3 +93,27 @@ def test_startup_state_errors_are_one_line_and_the_traceback_needs_v(tmp_path):
     r = _serve("--base", str(stack["base"]), "--state", str(bad), "--router", "exact")
     assert r.returncode == 4, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_hybrid_router_flags_reach_the_router_options(tmp_path, capsys):
+    """--route-observation / --text-weight / --obs-temperature become the hybrid router's
+    options (the first-frame descriptor route is selectable from the CLI); with another router,
+    or out of range, they are refused with exit 2 and one line before anything loads."""
+    from policy_server.cli import build_parser, main
+    from policy_server.cli.serve import engine_config_from_args
+
+    base = ["serve", "--base", str(tmp_path), "--port", "0"]
+    args = build_parser().parse_args(base + ["--router", "hybrid", "--route-observation",
+                                             "descriptor", "--text-weight", "0.3"])
+    cfg = engine_config_from_args(args)
+    assert cfg.router == "hybrid"
+    assert cfg.router_options == {"observation": "descriptor", "text_weight": 0.3}
+    assert engine_config_from_args(build_parser().parse_args(base)).router_options == {}
+    for extra, needle in ((["--route-observation", "descriptor"], "only for --router hybrid"),
+                          (["--router", "hybrid", "--text-weight", "2"], "--text-weight: 2.0"),
+                          (["--router", "hybrid", "--obs-temperature", "0"],
+                           "--obs-temperature: 0.0")):
+        capsys.readouterr()
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err

@@ -112,6 +112,15 @@ def register(sub) -> None:
                     help="when the router is unsure: refuse the episode or run core-only")
     ro.add_argument("--min-confidence", type=float)
     ro.add_argument("--min-margin", type=float)
+    ro.add_argument("--route-observation", default=None,
+                    choices=["auto", "vsubspace", "descriptor", "prototypes"],
+                    help="--router hybrid: what scores the first observation (default auto: "
+                         "value-subspace bases, else first-frame descriptors stored by "
+                         "`carve admit --frames`, else demonstration prototypes)")
+    ro.add_argument("--text-weight", type=float, default=None,
+                    help="--router hybrid: weight of the text probabilities (0..1; default 0.5)")
+    ro.add_argument("--obs-temperature", type=float, default=None,
+                    help="--router hybrid: softmax temperature of the observation scores")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run_serve)
 
@@ -128,7 +137,19 @@ def engine_config_from_args(args):
         base, state = base or d["base_dir"], state or d["state_dir"]
     if not base:
         raise InputError("--base is required (or --demo)")
-    return EngineConfig(base_dir=base, state_dir=state, state_version=args.version,
+    hybrid = {"observation": args.route_observation, "text_weight": args.text_weight,
+              "obs_temperature": args.obs_temperature}
+    given = [k for k, v in hybrid.items() if v is not None]
+    if given and args.router != "hybrid":
+        flags = ", ".join("--" + {"observation": "route-observation"}.get(k, k.replace("_", "-"))
+                          for k in given)
+        raise InputError(f"{flags}: only for --router hybrid (got --router {args.router})")
+    if args.text_weight is not None and not 0.0 <= args.text_weight <= 1.0:
+        raise InputError(f"--text-weight: {args.text_weight} (0..1)")
+    if args.obs_temperature is not None and not args.obs_temperature > 0:
+        raise InputError(f"--obs-temperature: {args.obs_temperature} (> 0)")
+    return EngineConfig(router_options={k: hybrid[k] for k in given},
+                        base_dir=base, state_dir=state, state_version=args.version,
                         verify=not args.no_verify, device=args.device, dtype=args.dtype,
                         mode=args.mode, router=args.router, router_model=args.router_model,
                         abstain=args.abstain, min_confidence=args.min_confidence,

@@ -15,12 +15,15 @@ def episode_start(instruction: str, skill: str | None = None, chunk_length: int 
                   info: dict | None = None, first_state: np.ndarray | None = None,
                   first_images: dict[str, np.ndarray] | None = None) -> pb.EpisodeStart:
     """EpisodeStart message; ``first_state`` (state_dim,) float / ``first_images`` (key -> uint8
-    HWC) let routers that look at the first observation use it."""
+    HWC) let routers that look at the first observation use it. Either one alone is sent too
+    (a missing state as an empty one, which the server refuses with INVALID_ARGUMENT naming
+    ``start.first_observation.state`` when its model needs a state): never dropped silently."""
     start = pb.EpisodeStart(instruction=instruction, skill=skill or "",
                             chunk_length=chunk_length or 0,
                             client_info={k: str(v) for k, v in (info or {}).items()})
-    if first_state is not None:
-        start.first_observation.CopyFrom(observation_proto(first_state, first_images, 0, "raw"))
+    if first_state is not None or first_images:
+        state = np.zeros(0, np.float32) if first_state is None else first_state
+        start.first_observation.CopyFrom(observation_proto(state, first_images, 0, "raw"))
     return start
 
 

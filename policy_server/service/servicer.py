@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent import futures
 from contextlib import contextmanager
 
 import grpc
@@ -43,6 +44,15 @@ log = logging.getLogger("carve.service")
 RESIZE_NOTE = ("camera images of another size than the spec's are resized to it (bilinear, "
                "align_corners=False, as LeRobot's async policy server does); each ActionChunk's "
                "notes name the cameras resized for its observation")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn) -> None:
+    """``fn()`` on ``loop`` from any thread; run here if the loop is already closed (shutdown),
+    so a release is never lost."""
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:
+        fn()
 
 
 class EngineHolder:
@@ -77,7 +87,10 @@ class EngineHolder:
                 if left == 0:
                     del self._pins[id(engine)]
             if done is not None:
-                done.close()
+                # the last pin may be released on the server's event loop, and closing joins
+                # the engine's batcher thread: never block the loop (health, every stream) on it
+                threading.Thread(target=done.close, name="carve-engine-close",
+                                 daemon=True).start()
 
     def swap(self, engine) -> None:
         """Put ``engine`` in service for new calls; the replaced one is closed now if nothing
@@ -115,12 +128,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     streams (RESOURCE_EXHAUSTED beyond); idle_timeout_s: an episode with no message for that long
     is ended with DEADLINE_EXCEEDED (None: never); metrics: the server's ``Recorder`` (episodes,
     route decisions, steps; ``NO_METRICS``: off); pool: the ``concurrent.futures`` executor that
-    runs decoding, inference, routing and reloads (None: the loop's default executor)."""
+    runs decoding, inference, routing and reloads (None: a private 8-thread pool)."""
 
     def __init__(self, holder: EngineHolder, limits: InputLimits | None = None,
                  max_episodes: int = 60, idle_timeout_s: float | None = 30.0,
                  metrics: Recorder = NO_METRICS, pool=None):
-        self.pool = pool
+        # steps need a pool whose futures outlive a cancelled caller (see ``_run``)
+        self.pool = pool if pool is not None else futures.ThreadPoolExecutor(
+            8, thread_name_prefix="carve-step")
         self.holder = holder
         self.limits = limits or InputLimits()
         self.idle_timeout_s = idle_timeout_s
@@ -189,37 +204,34 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
               f"{cands or 'none'}; pass a skill id or rephrase")
 
     # -- the episode stream -------------------------------------------------------------------
-    async def _run(self, fn, *args):
-        """``fn(*args)`` in the servicer's pool (whatever may block must not run on the loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    async def _run(self, fn, *args, stream: EpisodeStream | None = None):
+        """``fn(*args)`` in the servicer's pool (whatever may block must not run on the loop).
+        stream: the episode the call belongs to; its ``inflight`` keeps the pool's future, since
+        cancelling the awaiting task does not stop a call that already runs."""
+        fut = self.pool.submit(fn, *args)
+        if stream is not None:
+            stream.inflight = fut
+        return await asyncio.wrap_future(fut)
 
     async def Episode(self, request_iterator, context):
         """The bidirectional episode stream (read and written through ``context``)."""
         # the whole episode runs on the engine it started on, whatever reloads happen meanwhile
-        with self._pinned(context) as engine:
-            stream = EpisodeStream(self.idle_timeout_s)
+        pin = self._pinned(context)
+        engine = pin.__enter__()
+        stream = EpisodeStream(self.idle_timeout_s)
+        try:
+            self.slots.enter(stream)
+        except EpisodeRefused as e:
+            pin.__exit__(None, None, None)
+            code = (grpc.StatusCode.UNAVAILABLE if e.reason == "draining"
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED)
+            abort(context, code, str(e))
+        opened: list = []  # the EpisodeStarted sent, for the metrics of its end
+        outcome = "unknown"
+
+        def release() -> None:
+            """The episode's slot, metrics, backend state and engine pin, released together."""
             try:
-                self.slots.enter(stream)
-            except EpisodeRefused as e:
-                code = (grpc.StatusCode.UNAVAILABLE if e.reason == "draining"
-                        else grpc.StatusCode.RESOURCE_EXHAUSTED)
-                abort(context, code, str(e))
-            opened: list = []  # the EpisodeStarted sent, for the metrics of its end
-            outcome = "unknown"
-            try:
-                await self._episode(engine, stream, context, opened)
-                outcome = COMPLETED
-            except asyncio.CancelledError:
-                if stream.verdict is None:  # the client cancelled or went away
-                    outcome = "cancelled"
-                    raise
-                code, message = stream.verdict  # the idle timer or the drain ended it
-                outcome = code.name.lower()
-                raise Abort(code, message) from None
-            except Abort as e:
-                outcome = e.code.name.lower()
-                raise
-            finally:
                 self.slots.leave(stream)
                 if opened:
                     self.metrics.closed(opened[0], outcome)
@@ -229,6 +241,32 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                         engine.end_episode(opened[0].episode_id)
                     except Exception:  # noqa: BLE001
                         log.exception("episode %s: end_episode failed", opened[0].episode_id)
+            finally:
+                pin.__exit__(None, None, None)
+
+        try:
+            await self._episode(engine, stream, context, opened)
+            outcome = COMPLETED
+        except asyncio.CancelledError:
+            if stream.verdict is None:  # the client cancelled or went away
+                outcome = "cancelled"
+                raise
+            code, message = stream.verdict  # the idle timer or the drain ended it
+            outcome = code.name.lower()
+            raise Abort(code, message) from None
+        except Abort as e:
+            outcome = e.code.name.lower()
+            raise
+        finally:
+            running = stream.inflight
+            if running is not None and not running.done():
+                # Cancelled while its step (or routing) still runs in the pool: release only
+                # when that call is over, so --max-episodes keeps bounding the pool, the drain
+                # waits for it, and end_episode never precedes the episode's last step.
+                loop = asyncio.get_running_loop()
+                running.add_done_callback(lambda _f: _call_soon(loop, release))
+            else:
+                release()
 
     async def _next(self, stream: EpisodeStream, context, waiting_for: str):
         """The next request of the stream, or None when the client half-closed it; the idle
@@ -245,7 +283,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         first = await self._next(stream, context, "EpisodeStart")
         if first is None:
             return
-        start, chunk_len, started, skill = await self._run(self._open, engine, first, context)
+        start, chunk_len, started, skill = await self._run(self._open, engine, first, context,
+                                                           stream=stream)
         await context.write(started)
         opened.append(started.started)
         self.metrics.opened(started.started)
@@ -264,7 +303,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                       f"message {i}: {kind or 'empty message'} after the episode started "
                       "(send observations or EpisodeEnd)")
             resp = await self._run(self._step, engine, req.observation, time.time(),
-                                   instruction, episode_id, skill, chunk_len)
+                                   instruction, episode_id, skill, chunk_len, stream=stream)
             await context.write(resp)
             self.metrics.step(resp.chunk)
 

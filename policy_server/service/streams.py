@@ -24,7 +24,7 @@ class EpisodeStream:
     ``verdict``: None, or (status code, message) once the idle timer or the drain cancelled the
     task; the handler turns a cancellation with a verdict into that status."""
 
-    __slots__ = ("loop", "task", "verdict", "waiting_for", "idle_s")
+    __slots__ = ("loop", "task", "verdict", "waiting_for", "idle_s", "inflight")
 
     def __init__(self, idle_s: float | None):
         self.loop = asyncio.get_running_loop()
@@ -32,6 +32,7 @@ class EpisodeStream:
         self.verdict: tuple[grpc.StatusCode, str] | None = None
         self.waiting_for = ""
         self.idle_s = idle_s
+        self.inflight = None  # the pool's future of the episode's latest step (or routing)
 
     async def read(self, context, waiting_for: str):
         """``await context.read()`` bounded by the idle timeout (a timer handle per read: no

@@ -14,24 +14,12 @@ from policy_server.errors import InputError  # noqa: E402
 from policy_server.models.base import ObservationBatch  # noqa: E402
 
 torch.set_num_threads(1)
-SKILLS = {"spatial": ("libero_spatial_no_noops", "pick up the black bowl next to the plate"),
-          "object": ("libero_object_no_noops", "pick up the ketchup and place it in the basket")}
+SKILLS = U.SKILLS
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from policy_server.cli import main
-
-    root = tmp_path_factory.mktemp("openvla_serve")
-    base = U.make_checkpoint(root / "base", seed=0)  # two datasets, no default unnorm key
-    experts = {name: U.make_expert(base, root / f"expert-{name}", seed=i + 1, unnorm_key=key)
-               for i, (name, (key, _)) in enumerate(SKILLS.items())}
-    state = root / "state"
-    for name, (_, instr) in SKILLS.items():
-        rc = main(["admit", str(state), "--base", str(base), "--expert", str(experts[name]),
-                   "--skill", name, "--instruction", instr, "--method", "bank", "--no-progress"])
-        assert rc == 0
-    return {"base": base, "state": state, "experts": experts}
+    return U.build_bank_stack(tmp_path_factory.mktemp("openvla_serve"))
 
 
 def _obs(instr, imgs):

@@ -52,7 +52,7 @@ from policy_server.errors import InputError
 from policy_server.sim.suites import Preset, get_preset, instruction_for
 from policy_server.training.train import (
     ChunkDataset, _loss_summary, cache_dir, load_or_collect_demos, norm_stats,
-    reuse_or_prepare_output, write_factory_json)
+    optimizer_step, reuse_or_prepare_output, write_factory_json)
 
 ACT_FACTORY_VERSION = 1
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0  # Meta-World's action space: Box(-1, 1, (4,))
@@ -207,14 +207,7 @@ def train_act(policy, states: torch.Tensor, chunks: torch.Tensor, steps: int, lr
         s = states[idx] + state_noise * torch.randn(batch_size, states.shape[1], generator=gen)
         loss, _ = policy.forward({OBS_STATE: s, OBS_ENV_STATE: s, "action": chunks[idx],
                                   "action_is_pad": pad})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        optimizer_step(loss, opt, sched, params, losses, bar)
     policy.eval()
     return losses
 

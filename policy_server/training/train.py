@@ -142,16 +142,22 @@ def train_backend(backend: DemoVLABackend, data: ChunkDataset, steps: int, lr: f
         offsets = torch.tensor(np.cumsum([0] + [len(p) for p in pieces[:-1]]), dtype=torch.long)
         pred = module(s, torch.cat(pieces), offsets)
         loss = torch.nn.functional.l1_loss(pred, target[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        optimizer_step(loss, opt, sched, params, losses, bar)
     module.eval()
     return losses
+
+
+def optimizer_step(loss: torch.Tensor, opt, sched, params, losses: list[float], bar) -> None:
+    """One training step of the factory's loops: backward, gradient norm clipped at 1, optimiser
+    and schedule step; the loss is appended to ``losses`` and its 50-step mean shown on ``bar``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(float(loss.detach()))
+    if len(losses) % 50 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
 
 
 def policy_fn_for(backend: DemoVLABackend):

@@ -221,6 +221,41 @@ def test_step_key_covers_what_determines_a_step():
                    dict(experts=ex[::-1]), dict(episodes=6), dict(seed=2), dict(max_steps=99),
                    dict(replan_every=4), dict(with_router=False)):
         assert step_key(**dict(base, **change)) != k0, change
+    # fewer episodes for the older skills is another step; the same count is the same step
+    assert step_key(**base, older_episodes=2) != k0
+    assert step_key(**base, older_episodes=5) == step_key(**base, older_episodes=None) == k0
+
+
+def test_step_episode_counts_keep_headline_cells_full():
+    from bench.closed_loop.run import step_episode_counts
+
+    # non-final step: the new skill (its acc[i][i]) gets the full count, older skills fewer
+    assert step_episode_counts(3, 5, 20, 5) == [5, 5, 20]
+    assert step_episode_counts(5, 5, 20, 5) == [20] * 5          # final step: the table
+    assert step_episode_counts(1, 5, 20, 5) == [20]
+    assert step_episode_counts(3, 5, 20, None) == [20, 20, 20]
+
+
+def test_mixed_episode_counts_summarise_with_paired_bwt():
+    """Older cells at fewer episodes: the curve's band uses them as they are, and BWT pairs the
+    full-count diagonal with the full-count final step (episode j = placement j in both)."""
+    def step(t, per_skill):
+        return {"t": t, "storage_fraction": {"fraction": 1.0}, "build_s": 0.0, "eval_s": 1.0,
+                "skills": {
+            name: {"oracle": sum(o) / len(o), "tasks": {f"{name}-task": {"oracle": {
+                "success_rate": sum(o) / len(o),
+                "episodes": [{"success": bool(x)} for x in o]}}}}
+            for name, o in per_skill.items()}}
+
+    steps = [step(1, {"a": [1, 1, 1, 1]}),
+             step(2, {"a": [1], "b": [1, 0, 1, 1]}),           # older skill a: 1 episode
+             step(3, {"a": [0, 1, 1, 1], "b": [1, 0, 0, 1], "c": [1, 1, 1, 1]})]
+    summary = report.summarize_method({"steps": steps}, ["a", "b", "c"])
+    assert summary["complete"]
+    s = summary["oracle"]
+    assert s["acc"][1] == [1.0, 0.75]
+    assert s["bwt"] == pytest.approx(((0.75 - 1.0) + (0.5 - 0.75)) / 2)
+    assert all(ci is not None for ci in s["average_per_step_ci"]) and s["bwt_ci"] is not None
 
 
 def test_storage_fraction_rules():
@@ -251,6 +286,8 @@ def test_cli_parses():
     (["--preset", "nope"], "unknown preset"),
     (["--methods", "bank,nope"], "unknown benchmark method"),
     (["--episodes", "0"], "episodes must be >= 1"),
+    (["--episodes", "4", "--curve-episodes", "5"], "curve_episodes must be in 1..episodes"),
+    (["--jobs", "0"], "jobs must be >= 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, msg, tmp_path, capsys):
     from policy_server.cli import main
@@ -418,3 +455,109 @@ def test_quick_cli_end_to_end(tmp_path, capsys):
         assert m["error"] is None and m["summary"]["complete"] and "router" in m["summary"]
     assert "--quick" not in res["command"] and "--episodes 1" in res["command"]
     assert "ETA" in p.stdout and "half-width" in p.stdout
+
+
+def _traces(res, mode):
+    """Per method, per step, per task: what each episode decided in ``mode`` (not wall time)."""
+    from bench.closed_loop.run import _episode_trace
+
+    return {name: [{task: _episode_trace(tr[mode]["episodes"])
+                    for sk in st["skills"].values() for task, tr in sk["tasks"].items()}
+                   for st in m["steps"]] for name, m in res["methods"].items()}
+
+
+def test_router_reuse_equals_real_routed_runs(tiny_factory, tmp_path, monkeypatch):
+    """Routed runs that reuse the oracle's episodes record exactly what real routed runs do
+    (every step checks one task for real), and run fewer episodes."""
+    import bench.closed_loop.run as run_mod
+    import clients.metaworld_client as mw
+
+    factory, _ = tiny_factory
+    kw = dict(methods="carve-r4", episodes=2, with_router=True, max_steps=40, factory=factory,
+              log=lambda *a: None)
+    calls = []
+    real_run_task = mw.run_task
+    monkeypatch.setattr(mw, "run_task",
+                        lambda *a, **k: calls.append(k.get("skill")) or real_run_task(*a, **k))
+    slow = run_mod.run_benchmark(out=tmp_path / "real", router_reuse=False, **kw)
+    n_real = len(calls)
+    calls.clear()
+    fast = run_mod.run_benchmark(out=tmp_path / "reuse", router_reuse=True, **kw)
+    assert len(calls) < n_real
+    assert _traces(fast, "router") == _traces(slow, "router")
+    assert _traces(fast, "oracle") == _traces(slow, "oracle")
+    for st in fast["methods"]["carve-r4"]["steps"]:
+        recs = [tr["router"] for sk in st["skills"].values() for tr in sk["tasks"].values()]
+        assert all(r.get("reused_oracle") and r["routing_accuracy"] == 1.0 for r in recs)
+        assert sum(bool(r.get("reuse_verified")) for r in recs) == 1   # one real check a step
+    s_fast = fast["methods"]["carve-r4"]["summary"]["router"]
+    assert s_fast["acc"] == slow["methods"]["carve-r4"]["summary"]["router"]["acc"]
+
+
+def test_router_reuse_check_failure_fails_the_method(tiny_factory, tmp_path, monkeypatch):
+    """If a real routed rollout ever differed from the oracle's, the method fails with a
+    message saying how to rerun, instead of publishing reused numbers."""
+    import bench.closed_loop.run as run_mod
+
+    factory, _ = tiny_factory
+    seen = iter(range(10**6))
+    monkeypatch.setattr(run_mod, "_episode_trace", lambda eps: [next(seen)])
+    res = run_mod.run_benchmark(methods="carve-r4", episodes=1, with_router=True, max_steps=40,
+                                factory=factory, out=tmp_path / "o", log=lambda *a: None)
+    err = res["methods"]["carve-r4"]["error"]
+    assert "router reuse check failed" in err and "--no-router-reuse" in err
+
+
+def test_parallel_jobs_match_serial_and_keep_other_work(tiny_factory, tmp_path):
+    """Two methods in two spawned worker processes give the serial run's episodes; the end of
+    the run removes only its own methods' work directories (another run may share OUT)."""
+    from bench.closed_loop.run import run_benchmark
+
+    factory, _ = tiny_factory
+    kw = dict(methods="carve-r4,ta", episodes=1, with_router=False, max_steps=40,
+              factory=factory, log=lambda *a: None)
+    serial = run_benchmark(out=tmp_path / "serial", **kw)
+    other = tmp_path / "par" / "_work" / "someone-else"
+    other.mkdir(parents=True)
+    lines = []
+    par = run_benchmark(out=tmp_path / "par", jobs=2, **dict(kw, log=lines.append))
+    assert any("in 2 worker processes" in ln for ln in lines)
+    assert all(m["error"] is None and m["summary"]["complete"] for m in par["methods"].values())
+    assert _traces(par, "oracle") == _traces(serial, "oracle")
+    assert other.is_dir() and not (tmp_path / "par" / "_work" / "ta").exists()
+
+
+def test_step_retried_after_a_transport_timeout(tiny_factory, tmp_path, monkeypatch):
+    """A starved loopback server missing the client's deadline retries the step (a loaded host
+    is not a failed method); any other error is not retried."""
+    import grpc
+
+    import bench.closed_loop.run as run_mod
+    from carve_client import PolicyError
+
+    factory, _ = tiny_factory
+    real = run_mod._evaluate
+    failures = iter([PolicyError(grpc.StatusCode.DEADLINE_EXCEEDED, "no EpisodeStarted")])
+
+    def flaky(*a, **k):
+        exc = next(failures, None)
+        if exc is not None:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "_evaluate", flaky)
+    lines = []
+    res = run_mod.run_benchmark(methods="ta", episodes=1, with_router=False, max_steps=40,
+                                factory=factory, out=tmp_path / "o", log=lines.append)
+    assert res["methods"]["ta"]["error"] is None
+    assert any("retrying the step (attempt 2/3)" in ln for ln in lines)
+
+    def broken(*a, **k):
+        raise PolicyError(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+
+    monkeypatch.setattr(run_mod, "_evaluate", broken)
+    lines.clear()
+    res = run_mod.run_benchmark(methods="ta", episodes=1, with_router=False, max_steps=40,
+                                factory=factory, out=tmp_path / "o2", log=lines.append)
+    assert "INVALID_ARGUMENT" in res["methods"]["ta"]["error"]
+    assert not any("retrying" in ln for ln in lines)

@@ -118,6 +118,7 @@ def _provenance(res: dict, src: str, note: str | None = None,
         f"**{cfg['episodes']} episode(s) per task** (seed {cfg['seed']}, same placements for "
         f"every method), max {cfg['max_steps']} steps, "
         + ("oracle skill id and text router" if cfg.get("with_router") else "oracle skill id only")
+        + report.curve_clause(cfg)
         + f". Machine: {machine or 'unrecorded'}. Last invocation {res['created']}, wall time "
         f"{res['wall_s']:.0f} s{steps}. Source: `{src}` (plots beside it: "
         + ", ".join(f"`{p}`" for p in (res.get("artifacts") or {}).get("plots", []))

@@ -270,6 +270,22 @@ def interval_lines(results: dict) -> list[str]:
     return lines
 
 
+def curve_clause(cfg: dict) -> str:
+    """How the run's cells were measured, where that differs from 'every cell, every episode'."""
+    parts = []
+    ce = cfg.get("curve_episodes")
+    if ce is not None and ce != cfg["episodes"]:
+        parts.append(f"; the older skills at a non-final step (the rest of the per-step curve) "
+                     f"{ce} episode(s) per task, placements 0..{ce - 1} (the final step and each "
+                     f"skill at its own admission step get all {cfg['episodes']})")
+    if cfg.get("with_router") and cfg.get("router_reuse"):
+        parts.append("; a routed task whose instruction the router sends to the oracle's skill "
+                     "reuses the oracle's episodes (same weights, same placements: the same "
+                     "rollout; checked for real on one task per step), any other decision is "
+                     "run for real")
+    return "".join(parts)
+
+
 def table_markdown(results: dict) -> str:
     """Markdown: the Table-2-shaped summary with intervals, average success (and its interval)
     after each admission step, storage after each step, per-task Wilson intervals, matrices."""
@@ -278,7 +294,8 @@ def table_markdown(results: dict) -> str:
     lines = [f"# Closed-loop continual merging: preset `{cfg['preset']}`", "",
              f"{len(skills)} experts admitted in order ({', '.join(skills)}); "
              f"{cfg['episodes']} Meta-World episode(s) per task (seed {cfg['seed']}, "
-             f"max {cfg['max_steps']} steps), served over gRPC on CPU. Success in %, "
+             f"max {cfg['max_steps']} steps){curve_clause(cfg)}, served over gRPC on CPU. "
+             "Success in %, "
              "averaged over each suite's tasks, then over suites. Storage: bytes on disk a "
              "server keeps (state + base; one checkpoint for a single merged model) over the "
              "bytes of the expert bank (t full checkpoints), after the last step and after each "

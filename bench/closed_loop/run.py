@@ -43,21 +43,26 @@ from policy_server.tensors.durable import write_bytes_durable
 SCHEMA = "carve-closed-loop/1"
 #: version of what one cached step records and how it is evaluated; bump it when either changes
 #: so stale cache entries stop matching (they are then simply ignored, never deleted).
-STEP_SCHEMA = "carve-closed-loop-step/1"
+STEP_SCHEMA = "carve-closed-loop-step/2"
 DEFAULT_EPISODES = 20  # headline: 20 x >= 20 tasks keeps the pooled 95 % half-width <= 5 points
 
 
 def step_key(factory_hash: str, spec: MethodSpec, experts: list[dict], episodes: int, seed: int,
-             max_steps: int, replan_every: int | None, with_router: bool) -> str:
+             max_steps: int, replan_every: int | None, with_router: bool,
+             older_episodes: int | None = None) -> str:
     """Hex key of one (method, step) result: the factory, the method spec (engine method, build,
     options, storage fields; not the free-text description), the admitted experts in order,
-    episodes, seed, max_steps, replan_every, the router flag and ``STEP_SCHEMA``."""
+    episodes, seed, max_steps, replan_every, the router flag and ``STEP_SCHEMA``.
+    older_episodes: episodes per task of the older skills at a non-final step when that differs
+    from ``episodes`` (see ``step_episode_counts``); None keys the step as all-``episodes``."""
     payload = {"schema": STEP_SCHEMA, "factory": factory_hash,
                "spec": {k: v for k, v in spec.to_dict().items() if k != "description"},
                "experts": [e["name"] for e in experts], "episodes": int(episodes),
                "seed": int(seed), "max_steps": int(max_steps),
                "replan_every": None if replan_every is None else int(replan_every),
                "with_router": bool(with_router)}
+    if older_episodes is not None and int(older_episodes) != int(episodes):
+        payload["older_episodes"] = int(older_episodes)
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
@@ -88,11 +93,23 @@ def _load_cached(path: Path) -> dict | None:
     return rec if isinstance(rec, dict) and rec.get("step_schema") == STEP_SCHEMA else None
 
 
-def _step_episodes(experts: list[dict], episodes: int, task_agnostic: bool,
-                   with_router: bool) -> int:
-    """Episodes one step runs: every admitted task, oracle (+ router for per-skill models)."""
-    n_tasks = sum(len(e["tasks"]) for e in experts)
-    return n_tasks * episodes * (2 if with_router and not task_agnostic else 1)
+def step_episode_counts(t: int, T: int, episodes: int, curve_episodes: int | None) -> list[int]:
+    """Episodes per task of each skill 1..t evaluated at step t of a T-step run.
+
+    The headline cells get ``episodes``: every skill at the final step (the final table) and the
+    newly admitted skill at its own step (``acc[i][i]``, BWT's reference). The older skills at a
+    non-final step (the rest of the per-step curve) get ``curve_episodes`` (default: the same),
+    seeded placements 0..curve_episodes-1, i.e. the first ones of the headline cells'."""
+    older = episodes if curve_episodes is None else curve_episodes
+    return [episodes if (t == T or i == t - 1) else older for i in range(t)]
+
+
+def _step_episodes(experts: list[dict], counts: list[int], task_agnostic: bool,
+                   with_router: bool, router_reuse: bool = True) -> int:
+    """Episodes one step is expected to run: every admitted task, oracle, plus the routed runs
+    for per-skill models (none expected when routed runs reuse the oracle's, see ``_evaluate``)."""
+    n = sum(len(e["tasks"]) * c for e, c in zip(experts, counts))
+    return n * (2 if with_router and not task_agnostic and not router_reuse else 1)
 
 
 def host_info() -> dict:
@@ -224,13 +241,77 @@ class _Builder:
         raise InputError(f"method spec {self.spec.name!r}: unknown build {self.spec.build!r}")
 
 
-def _evaluate(base_dir: str, kind: str, served_dir: str, experts: list[dict], task_agnostic: bool,
-              episodes: int, seed: int, max_steps: int, replan_every: int | None,
-              with_router: bool, log) -> dict:
-    """Serve one built model over gRPC and run every admitted skill's tasks through the client."""
+def _episode_trace(episodes: list[dict]) -> list[tuple]:
+    """What a rollout decides, per episode: outcome, length, skill and requests (not wall time)."""
+    return [(bool(e["success"]), int(e["steps"]), e["skill"], int(e["requests"]))
+            for e in episodes]
+
+
+def _routed_run(client, e: dict, task: str, instr: str, n: int, oracle: dict, seed: int,
+                max_steps: int, replan_every: int | None, reuse: bool, verify: bool,
+                log) -> dict:
+    """The router-mode record of one task: the server's router picks the skill from the
+    instruction alone.
+
+    reuse: ask the router first (the ``Route`` RPC, the same router ``StartEpisode`` uses) and,
+    when it picks the oracle's skill, record the oracle's episodes: the served weights, the
+    seeded placements and the rollout are then the same, so rerunning them would repeat the
+    oracle run episode for episode. Any other decision (another skill, an abstention) runs the
+    routed episodes for real. verify: run them for real anyway and fail the step unless the
+    trace equals the oracle's (the benchmark checks this on one task per step).
+    """
     import grpc
 
-    from carve_client import PolicyClient, PolicyError
+    from carve_client import PolicyError
+    from clients.metaworld_client import run_task
+
+    if reuse:
+        dec = client.route(instr)
+        if not dec.get("abstained") and dec.get("skill") == e["name"]:
+            rec = dict(oracle, routing_accuracy=1.0, reused_oracle=True,
+                       route={k: dec.get(k) for k in ("skill", "confidence", "margin")})
+            rec["episodes"] = [dict(ep, confidence=float(dec.get("confidence") or 0.0))
+                               for ep in oracle["episodes"]]
+            if verify:
+                real = run_task(client, task, n_episodes=n, seed=seed, instruction=instr,
+                                skill=None, max_steps=max_steps, replan_every=replan_every)
+                got, want = (_episode_trace(real.to_dict()["episodes"]),
+                             _episode_trace(oracle["episodes"]))
+                if got != want:
+                    raise RuntimeError(
+                        f"router reuse check failed on {task}: the routed episodes differ from "
+                        f"the oracle's although the router chose {e['name']!r}; rerun with "
+                        f"--no-router-reuse")
+                rec["reuse_verified"] = True
+                log(f"      {e['name']:>10s} {task:<26s} router reuse verified "
+                    f"({n} routed episodes equal the oracle's)")
+            return rec
+    try:
+        routed = run_task(client, task, n_episodes=n, seed=seed, instruction=instr, skill=None,
+                          max_steps=max_steps, replan_every=replan_every)
+    except PolicyError as exc:
+        # The router refused the instruction (abstained): the robot gets no action, which
+        # counts as a failed task, not a broken benchmark.
+        if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        return {"task": task, "instruction": instr, "success_rate": 0.0,
+                "routing_accuracy": 0.0, "refused": exc.details, "episodes": []}
+    rec = routed.to_dict()
+    rec["routing_accuracy"] = (sum(ep.skill == e["name"] for ep in routed.episodes)
+                               / max(1, len(routed.episodes)))
+    return rec
+
+
+def _evaluate(base_dir: str, kind: str, served_dir: str, experts: list[dict], task_agnostic: bool,
+              counts: list[int], seed: int, max_steps: int, replan_every: int | None,
+              with_router: bool, log, router_reuse: bool = True,
+              verify_reuse: bool = False) -> dict:
+    """Serve one built model over gRPC and run every admitted skill's tasks through the client.
+
+    counts: episodes per task of each expert (``step_episode_counts``); router_reuse /
+    verify_reuse: see ``_routed_run`` (verified on the first task the reuse applies to)."""
+
+    from carve_client import PolicyClient
     from clients.metaworld_client import run_task
     from policy_server.service.server import PolicyServer, ServerConfig
     from policy_server.serving import EngineConfig, build_engine
@@ -253,32 +334,21 @@ def _evaluate(base_dir: str, kind: str, served_dir: str, experts: list[dict], ta
         client = PolicyClient(f"127.0.0.1:{port}")
         client.wait_ready(60)
         try:
-            for e in experts:
-                rec = {"suite": e.get("suite", e["name"]), "tasks": {}}
+            verify = verify_reuse and router_reuse
+            for e, n in zip(experts, counts):
+                rec = {"suite": e.get("suite", e["name"]), "tasks": {}, "episodes": n}
                 for task, instr in zip(e["tasks"], e["instructions"]):
                     # Oracle: the skill id names the residual; a task-agnostic model gets none.
-                    oracle = run_task(client, task, n_episodes=episodes, seed=seed,
+                    oracle = run_task(client, task, n_episodes=n, seed=seed,
                                       instruction=instr,
                                       skill=None if task_agnostic else e["name"],
                                       max_steps=max_steps, replan_every=replan_every)
                     trec = {"instruction": instr, "oracle": oracle.to_dict()}
                     if with_router and not task_agnostic:
-                        try:
-                            routed = run_task(client, task, n_episodes=episodes, seed=seed,
-                                              instruction=instr, skill=None,
-                                              max_steps=max_steps, replan_every=replan_every)
-                            trec["router"] = routed.to_dict()
-                            trec["router"]["routing_accuracy"] = (
-                                sum(ep.skill == e["name"] for ep in routed.episodes)
-                                / max(1, len(routed.episodes)))
-                        except PolicyError as exc:
-                            # The router refused the instruction (abstained): the robot gets no
-                            # action, which counts as a failed task, not a broken benchmark.
-                            if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
-                                raise
-                            trec["router"] = {"task": task, "instruction": instr,
-                                              "success_rate": 0.0, "routing_accuracy": 0.0,
-                                              "refused": exc.details, "episodes": []}
+                        trec["router"] = _routed_run(client, e, task, instr, n, trec["oracle"],
+                                                     seed, max_steps, replan_every,
+                                                     router_reuse, verify, log)
+                        verify = verify and not trec["router"].get("reuse_verified")
                     elif with_router:
                         trec["router"] = dict(trec["oracle"], task_agnostic=True)
                     rec["tasks"][task] = trec
@@ -357,13 +427,159 @@ class _Eta:
                 f"ETA {_fmt_s(eta)}")
 
 
+def _hooks_for(with_router: bool):
+    """Admission hooks per expert: the text router's instruction embeddings (router on)."""
+    if not with_router:
+        return None
+    from router.embedder import shared_embedder
+    from router.text import TextEmbeddingHook
+
+    emb = shared_embedder()
+    return lambda e: [TextEmbeddingHook(e["instructions"], emb, f"suite {e.get('suite', '')}")]
+
+
+#: transient transport failures a step is retried on (a starved loopback server on a loaded
+#: host misses the client's deadline); anything else is a real failure of the method
+_RETRY_CODES = ("DEADLINE_EXCEEDED", "UNAVAILABLE")
+STEP_ATTEMPTS = 3
+
+
+def _run_method(spec: MethodSpec, ctx: dict, keys: dict, cached: dict, hooks_for, eta,
+                log) -> dict:
+    """Build and evaluate every step of one method (cached steps reused) -> its results entry
+    (``spec``, ``steps``, ``error``; the summary is added by the caller)."""
+    out, factory, T = Path(ctx["out"]), ctx["factory"], ctx["T"]
+    experts = factory["experts"]
+    log(f"[bench] method {spec.name} ({spec.description})")
+    mres: dict = {"spec": spec.to_dict(), "steps": [], "error": None}
+    builder = None
+    built_upto = 0  # continual: experts admitted into this run's state so far
+    try:
+        for t in range(1, T + 1):
+            rec = cached.get((spec.name, t))
+            if rec is not None:
+                mres["steps"].append(rec["step"])
+                name = _cache_path(out, spec, t, keys[(spec.name, t)]).name
+                log(f"  step {t}/{T}: cached ({name})")
+                continue
+            if builder is None:
+                builder = _Builder(spec, factory, out / "_work" / spec.name,
+                                   hooks_for=hooks_for if spec.build == "continual" else None,
+                                   progress=ctx["progress"])
+            tb = time.perf_counter()
+            if spec.build == "continual":
+                # the state must hold experts 1..t-1 first: re-admit the cached ones
+                while built_upto < t - 1:
+                    builder.step(built_upto + 1)
+                    built_upto += 1
+            built = builder.step(t)
+            built_upto = t
+            build_s = time.perf_counter() - tb
+            kind, storage = _served_kind(spec, built)
+            task_agnostic = kind == "checkpoint" or not per_skill_method(spec)
+            frac = storage_fraction(kind, storage, t, per_skill=not task_agnostic,
+                                    method=spec.method)
+            counts = step_episode_counts(t, T, ctx["episodes"], ctx["curve_episodes"])
+            log(f"  step {t}/{T}: built {kind} in {build_s:.1f}s "
+                f"(storage {frac['fraction']:.3f} of bank); evaluating")
+            for attempt in range(1, STEP_ATTEMPTS + 1):
+                try:
+                    ev = _evaluate(factory["base"]["dir"], kind, built["out"], experts[:t],
+                                   task_agnostic, counts, ctx["seed"], ctx["max_steps"],
+                                   ctx["replan_every"], ctx["with_router"], log,
+                                   router_reuse=ctx["router_reuse"], verify_reuse=True)
+                    break
+                except Exception as exc:  # noqa: BLE001 - only transport timeouts are retried
+                    code = getattr(getattr(exc, "code", None), "name", None)
+                    if code not in _RETRY_CODES or attempt == STEP_ATTEMPTS:
+                        raise
+                    log(f"  step {t}/{T}: {type(exc).__name__}: {exc}; retrying the step "
+                        f"(attempt {attempt + 1}/{STEP_ATTEMPTS})")
+            step = {"t": t, "admitted": experts[t - 1]["name"], "kind": kind,
+                    "task_agnostic": task_agnostic, "storage": storage,
+                    "storage_fraction": frac, "build_s": build_s, "episode_counts": counts,
+                    **ev}
+            write_json_atomic(_cache_path(out, spec, t, keys[(spec.name, t)]),
+                              {"step_schema": STEP_SCHEMA, "key": keys[(spec.name, t)],
+                               "method": spec.name, "t": t, "step": step})
+            mres["steps"].append(step)
+            eta.done(_step_episodes(experts[:t], counts, task_agnostic, ctx["with_router"],
+                                    ctx["router_reuse"]), ev["eval_s"], build_s)
+            log(f"  step {t}/{T}: oracle acc "
+                + " ".join(f"{k}={v.get('oracle', 0):.2f}" for k, v in ev["skills"].items())
+                + f" ({ev['eval_s']:.0f}s); {eta.line()}")
+    except Exception as exc:  # noqa: BLE001 - one broken method must not sink the benchmark
+        mres["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"[bench] method {spec.name} FAILED at step {len(mres['steps']) + 1}: "
+            f"{mres['error']}")
+    return mres
+
+
+def _method_worker(spec: MethodSpec, ctx: dict, keys: dict, cached: dict, eta_args: tuple):
+    """One method in a worker process (``jobs > 1``): its own torch threads, router embedder and
+    ETA (over its own steps); lines are prefixed with the method's name."""
+    import torch
+
+    torch.set_num_threads(1)
+
+    def log(line: str) -> None:
+        print(f"[{spec.name}] {line}", flush=True)
+
+    return _run_method(spec, ctx, keys, cached, _hooks_for(ctx["with_router"]),
+                       _Eta(*eta_args), log)
+
+
+def _run_methods_parallel(specs: list[MethodSpec], ctx: dict, keys: dict, cached: dict,
+                          jobs: int, eta, log) -> dict:
+    """Run methods in ``jobs`` worker processes (spawned: no forked torch or gRPC state), the
+    most expensive first so the last one to start is a short one. -> {name: results entry}."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    T, experts = ctx["T"], ctx["factory"]["experts"]
+
+    def todo_episodes(spec) -> int:
+        # task-agnostic methods are mostly the weak ones, whose failed episodes run to max_steps
+        return sum(_step_episodes(experts[:t], step_episode_counts(
+            t, T, ctx["episodes"], ctx["curve_episodes"]), not per_skill_method(spec),
+            ctx["with_router"], ctx["router_reuse"]) * (1 if per_skill_method(spec) else 2)
+            for t in range(1, T + 1) if (spec.name, t) not in cached)
+
+    order = sorted(specs, key=todo_episodes, reverse=True)
+    out: dict = {}
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futs = {}
+        for spec in order:
+            mine = {k: v for k, v in cached.items() if k[0] == spec.name}
+            left = [t for t in range(1, T + 1) if (spec.name, t) not in cached]
+            n_ep = sum(_step_episodes(experts[:t], step_episode_counts(
+                t, T, ctx["episodes"], ctx["curve_episodes"]), not per_skill_method(spec),
+                ctx["with_router"], ctx["router_reuse"]) for t in left)
+            futs[pool.submit(_method_worker, spec, ctx, keys, mine, (n_ep, len(left)))] = spec
+        log(f"[bench] {len(futs)} method(s) in {jobs} worker processes")
+        for i, fut in enumerate(as_completed(futs), 1):
+            spec = futs[fut]
+            try:
+                out[spec.name] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a dead worker fails its method only
+                out[spec.name] = {"spec": spec.to_dict(), "steps": [],
+                                  "error": f"worker: {type(exc).__name__}: {exc}"}
+            log(f"[bench] {i}/{len(futs)} method(s) done ({spec.name}"
+                + (f", FAILED: {out[spec.name]['error']}" if out[spec.name].get("error") else "")
+                + f"), {_fmt_s(time.perf_counter() - t0)} elapsed")
+    return out
+
+
 def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
                   episodes: int = DEFAULT_EPISODES, out="results/closed-loop",
                   with_router: bool = True, seed: int = 1000,
                   max_steps: int | None = None, replan_every: int | None = None,
                   max_experts: int | None = None, factory: dict | None = None,
                   keep_work: bool = False, progress: bool = False, log=print,
-                  command: str | None = None, use_cache: bool = True) -> dict:
+                  command: str | None = None, use_cache: bool = True,
+                  curve_episodes: int | None = None, jobs: int = 1,
+                  router_reuse: bool = True) -> dict:
     """Run the closed-loop benchmark and write ``results.json``, ``table.md`` and plots to ``out``.
 
     methods: labels (``bench.closed_loop.methods``, ``"all"`` for every registered one);
@@ -371,7 +587,11 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
     default to the preset's; max_experts: use only the first N experts of the factory;
     factory: a ``build_factory`` result to reuse; command: the command line recorded in
     results.json (default ``sys.argv``); use_cache: reuse finished steps from ``out/_cache``
-    (and write new ones; off = recompute everything, still writing the cache).
+    (and write new ones; off = recompute everything, still writing the cache);
+    curve_episodes: episodes per task of the older skills at non-final steps (the per-step
+    curve's other cells; default ``episodes``, see ``step_episode_counts``); jobs: methods run
+    in this many worker processes (1: in this process); router_reuse: routed runs reuse the
+    oracle's episodes where the router picks the oracle's skill (see ``_routed_run``).
     A method that fails to build or serve is recorded with its error and the others still run.
     Returns the results dict (also written to ``out/results.json``).
     """
@@ -383,6 +603,11 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
     torch.set_num_threads(1)  # the simulator and the server share few cores; threads only thrash
     if episodes < 1:
         raise InputError(f"episodes must be >= 1, got {episodes}")
+    if curve_episodes is not None and not 1 <= curve_episodes <= episodes:
+        raise InputError(f"curve_episodes must be in 1..episodes ({episodes}), "
+                         f"got {curve_episodes}")
+    if jobs < 1:
+        raise InputError(f"jobs must be >= 1, got {jobs}")
     specs = resolve(methods)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -403,14 +628,7 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
     replan_every = replan_every if replan_every is not None else fcfg.get("replan_every")
     T = len(experts)
 
-    hooks_for = None
-    if with_router:
-        from router.embedder import shared_embedder
-        from router.text import TextEmbeddingHook
-
-        emb = shared_embedder()
-        hooks_for = lambda e: [TextEmbeddingHook(e["instructions"], emb,  # noqa: E731
-                                                 f"suite {e.get('suite', '')}")]
+    hooks_for = _hooks_for(with_router) if jobs <= 1 else None
 
     results: dict = {
         "schema": SCHEMA,
@@ -418,7 +636,9 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
         "command": command if command is not None else " ".join(sys.argv),
         "config": {"preset": factory.get("preset", preset), "family": factory.get("family", "demo"),
                    "factory_hash": factory.get("hash"),
-                   "factory_dir": factory.get("out"), "episodes": episodes, "seed": seed,
+                   "factory_dir": factory.get("out"), "episodes": episodes,
+                   "curve_episodes": curve_episodes if curve_episodes is not None else episodes,
+                   "router_reuse": router_reuse, "seed": seed,
                    "max_steps": max_steps, "replan_every": replan_every,
                    "with_router": with_router, "methods": [s.to_dict() for s in specs],
                    "experts": [{k: e.get(k) for k in ("name", "kind", "suite", "tasks",
@@ -430,7 +650,8 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
 
     # Plan: which (method, step) results are already cached under their key.
     keys = {(s.name, t): step_key(factory["hash"], s, experts[:t], episodes, seed, max_steps,
-                                  replan_every, with_router)
+                                  replan_every, with_router,
+                                  older_episodes=curve_episodes if t < T else None)
             for s in specs for t in range(1, T + 1)}
     cached = {}
     if use_cache:
@@ -440,66 +661,28 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
                 if rec is not None:
                     cached[(s.name, t)] = rec
     todo = [(s, t) for s in specs for t in range(1, T + 1) if (s.name, t) not in cached]
-    eta = _Eta(sum(_step_episodes(experts[:t], episodes, not per_skill_method(s), with_router)
+    eta = _Eta(sum(_step_episodes(experts[:t], step_episode_counts(t, T, episodes, curve_episodes),
+                                  not per_skill_method(s), with_router, router_reuse)
                    for s, t in todo), len(todo))
     log(f"[bench] {len(specs)} method(s) x {T} step(s): {len(cached)} cached, "
         f"{len(todo)} to evaluate; {eta.line()}")
 
     work_root = out / "_work"
+    ctx = {"out": str(out), "factory": factory, "T": T, "episodes": episodes,
+           "curve_episodes": curve_episodes, "seed": seed, "max_steps": max_steps,
+           "replan_every": replan_every, "with_router": with_router,
+           "router_reuse": router_reuse, "progress": progress}
+    if jobs <= 1 or len([s for s in specs if any((s.name, t) not in cached
+                                                 for t in range(1, T + 1))]) <= 1:
+        for spec in specs:
+            results["methods"][spec.name] = _run_method(
+                spec, ctx, keys, cached, hooks_for, eta, log)
+    else:
+        results["methods"].update(_run_methods_parallel(specs, ctx, keys, cached, jobs, eta,
+                                                        log))
     for spec in specs:
-        log(f"[bench] method {spec.name} ({spec.description})")
-        mres: dict = {"spec": spec.to_dict(), "steps": [], "error": None}
-        results["methods"][spec.name] = mres
-        builder = None
-        built_upto = 0  # continual: experts admitted into this run's state so far
-        try:
-            for t in range(1, T + 1):
-                rec = cached.get((spec.name, t))
-                if rec is not None:
-                    mres["steps"].append(rec["step"])
-                    name = _cache_path(out, spec, t, keys[(spec.name, t)]).name
-                    log(f"  step {t}/{T}: cached ({name})")
-                    continue
-                if builder is None:
-                    builder = _Builder(spec, factory, work_root / spec.name,
-                                       hooks_for=hooks_for if spec.build == "continual" else None,
-                                       progress=progress)
-                tb = time.perf_counter()
-                if spec.build == "continual":
-                    # the state must hold experts 1..t-1 first: re-admit the cached ones
-                    while built_upto < t - 1:
-                        builder.step(built_upto + 1)
-                        built_upto += 1
-                built = builder.step(t)
-                built_upto = t
-                build_s = time.perf_counter() - tb
-                kind, storage = _served_kind(spec, built)
-                task_agnostic = kind == "checkpoint" or not per_skill_method(spec)
-                frac = storage_fraction(kind, storage, t, per_skill=not task_agnostic,
-                                        method=spec.method)
-                log(f"  step {t}/{T}: built {kind} in {build_s:.1f}s "
-                    f"(storage {frac['fraction']:.3f} of bank); evaluating")
-                ev = _evaluate(factory["base"]["dir"], kind, built["out"], experts[:t],
-                               task_agnostic, episodes, seed, max_steps, replan_every,
-                               with_router, log)
-                step = {"t": t, "admitted": experts[t - 1]["name"], "kind": kind,
-                        "task_agnostic": task_agnostic, "storage": storage,
-                        "storage_fraction": frac, "build_s": build_s, **ev}
-                write_json_atomic(_cache_path(out, spec, t, keys[(spec.name, t)]),
-                                  {"step_schema": STEP_SCHEMA, "key": keys[(spec.name, t)],
-                                   "method": spec.name, "t": t, "step": step})
-                mres["steps"].append(step)
-                eta.done(_step_episodes(experts[:t], episodes, task_agnostic, with_router),
-                         ev["eval_s"], build_s)
-                log(f"  step {t}/{T}: oracle acc "
-                    + " ".join(f"{k}={v.get('oracle', 0):.2f}" for k, v in ev["skills"].items())
-                    + f" ({ev['eval_s']:.0f}s); {eta.line()}")
-        except Exception as exc:  # noqa: BLE001 - one broken method must not sink the benchmark
-            mres["error"] = f"{type(exc).__name__}: {exc}"
-            log(f"[bench] method {spec.name} FAILED at step {len(mres['steps']) + 1}: "
-                f"{mres['error']}")
-        mres["summary"] = report.summarize_method(mres, [e["name"] for e in experts],
-                                                  episodes=episodes)
+        results["methods"][spec.name]["summary"] = report.summarize_method(
+            results["methods"][spec.name], [e["name"] for e in experts], episodes=episodes)
     results["wall_s"] = time.perf_counter() - t_start
     n_steps = sum(len(m["steps"]) for m in results["methods"].values())
     results["steps_cached"] = sum(1 for k in cached if k[0] in results["methods"])
@@ -508,8 +691,13 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
     results["compute_s"] = sum(st.get("build_s", 0) + st.get("eval_s", 0)
                                for m in results["methods"].values() for st in m["steps"])
     results["invocations"] = _invocations(out / "results.json", results)
-    if not keep_work:
-        shutil.rmtree(work_root, ignore_errors=True)
+    if not keep_work:  # only this run's methods: a parallel run may share ``out``
+        for spec in specs:
+            shutil.rmtree(work_root / spec.name, ignore_errors=True)
+        try:
+            work_root.rmdir()
+        except OSError:
+            pass
     results["artifacts"] = report.write_all(results, out)
     write_json_atomic(out / "results.json", results)
     log(f"[bench] done in {results['wall_s']:.0f}s ({results['steps_computed']} step(s) "

@@ -32,6 +32,17 @@ def register(sub) -> None:
     c.add_argument("--episodes", type=int, default=None,
                    help="episodes per task (default 20: the pooled 95%% half-width stays <= 5 "
                         "points with >= 20 tasks; --quick: 1)")
+    c.add_argument("--curve-episodes", type=int, default=None, metavar="N",
+                   help="episodes per task of the older skills at non-final steps (the rest of "
+                        "the per-step curve; default: --episodes). The final step and each "
+                        "skill at its own admission step always get --episodes")
+    c.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run methods in N worker processes (default 1; at most one per core "
+                        "helps: each uses about one)")
+    c.add_argument("--no-router-reuse", dest="router_reuse", action="store_false",
+                   help="run every routed episode for real, even where the router picks the "
+                        "oracle's skill (default: reuse the oracle's episodes there, checked "
+                        "on one task per step)")
     c.add_argument("--out", default=None, help="results directory (default results/closed-loop)")
     c.add_argument("--seed", type=int, default=1000, help="episode placement seed")
     c.add_argument("--max-experts", type=int, default=None,
@@ -70,6 +81,10 @@ def run_closed_loop(args) -> int:
            "--episodes", str(episodes), "--seed", str(args.seed), "--out", out]
     if args.max_experts is not None:
         cmd += ["--max-experts", str(args.max_experts)]
+    if args.curve_episodes is not None:
+        cmd += ["--curve-episodes", str(args.curve_episodes)]
+    if not args.router_reuse:
+        cmd.append("--no-router-reuse")
     if not with_router:
         cmd.append("--oracle-only")
     factory = None
@@ -81,7 +96,8 @@ def run_closed_loop(args) -> int:
     res = run_benchmark(factory=factory,
         preset=preset, methods=methods, episodes=episodes, out=out, with_router=with_router,
         seed=args.seed, max_experts=args.max_experts, keep_work=args.keep_work,
-        command=shlex.join(cmd), use_cache=not args.fresh)
+        command=shlex.join(cmd), use_cache=not args.fresh, curve_episodes=args.curve_episodes,
+        jobs=args.jobs, router_reuse=args.router_reuse)
     failed = [n for n, m in res["methods"].items() if m.get("error")]
     if failed:
         print(f"[bench] failed methods: {', '.join(failed)}", file=sys.stderr)

@@ -288,6 +288,8 @@ def test_cli_parses():
     (["--episodes", "0"], "episodes must be >= 1"),
     (["--episodes", "4", "--curve-episodes", "5"], "curve_episodes must be in 1..episodes"),
     (["--jobs", "0"], "jobs must be >= 1"),
+    (["--lora-rank", "4"], "--lora-rank needs --lora"),
+    (["--lora", "--family", "act"], "the act family has no LoRA experts"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, msg, tmp_path, capsys):
     from policy_server.cli import main
@@ -561,3 +563,28 @@ def test_step_retried_after_a_transport_timeout(tiny_factory, tmp_path, monkeypa
                                 factory=factory, out=tmp_path / "o2", log=lines.append)
     assert "INVALID_ARGUMENT" in res["methods"]["ta"]["error"]
     assert not any("retrying" in ln for ln in lines)
+
+
+def test_lora_experts_through_the_benchmark(tmp_path, monkeypatch):
+    """The factory's LoRA variant (PEFT adapters) goes through the same protocol: CARVE admits
+    the adapters, the bank serves them, and the published provenance says what the experts are."""
+    pytest.importorskip("metaworld", reason="Meta-World is the optional sim extra")
+    from bench.closed_loop import publish
+    from bench.closed_loop.run import run_benchmark
+    from policy_server.sim.suites import Preset
+    from policy_server.training.train import build_factory
+
+    monkeypatch.setenv("CARVE_CACHE_DIR", str(tmp_path / "cache"))
+    p = Preset(name="tinylora", base_tasks=["reach-v3"],
+               suites={"buttons": ["button-press-topdown-v3"], "windows": ["window-open-v3"]},
+               episodes_base=2, episodes_expert=2, max_steps=120, base_steps=20,
+               expert_steps=10, batch_size=32, lora_rank=4,
+               model={"hidden_dim": 64, "mlp_dim": 128, "num_expert_blocks": 1})
+    factory = build_factory(p, lora=True, progress=False)
+    assert {e["kind"] for e in factory["experts"]} == {"lora"}
+    res = run_benchmark(methods="bank,carve-r4", episodes=1, with_router=False, max_steps=40,
+                        factory=factory, out=tmp_path / "o", log=lambda *a: None)
+    for name, m in res["methods"].items():
+        assert m["error"] is None and m["summary"]["complete"], (name, m["error"])
+    block = publish.docs_block(publish.load_results(tmp_path / "o" / "results.json"), "r.json")
+    assert "2 experts (LoRA adapters) admitted in order" in block

@@ -80,6 +80,13 @@ def _display_path(path: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+def _expert_kinds(cfg: dict) -> str:
+    """What the experts are: full fine-tunes, LoRA adapters, or both."""
+    names = {"full": "full fine-tunes", "lora": "LoRA adapters"}
+    kinds = sorted({e.get("kind") or "full" for e in cfg["experts"]})
+    return " and ".join(names.get(k, k) for k in kinds)
+
+
 def _provenance(res: dict, src: str, note: str | None = None,
                 block: str | None = None) -> list[str]:
     cfg, host = res["config"], res["config"]["host"] or {}
@@ -114,7 +121,7 @@ def _provenance(res: dict, src: str, note: str | None = None,
         f"Command: `{res['command']}`",
         "",
         f"Preset `{cfg['preset']}` (factory `{cfg.get('factory_hash')}`): {len(skills)} experts "
-        f"admitted in order ({', '.join(skills)}), {n_tasks} Meta-World tasks, "
+        f"({_expert_kinds(cfg)}) admitted in order ({', '.join(skills)}), {n_tasks} Meta-World tasks, "
         f"**{cfg['episodes']} episode(s) per task** (seed {cfg['seed']}, same placements for "
         f"every method), max {cfg['max_steps']} steps, "
         + ("oracle skill id and text router" if cfg.get("with_router") else "oracle skill id only")

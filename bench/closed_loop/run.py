@@ -547,6 +547,8 @@ def _run_methods_parallel(specs: list[MethodSpec], ctx: dict, keys: dict, cached
 
     order = sorted(specs, key=todo_episodes, reverse=True)
     out: dict = {}
+    weight = {spec.name: todo_episodes(spec) for spec in order}
+    left_ep = sum(weight.values())
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         futs = {}
@@ -565,9 +567,15 @@ def _run_methods_parallel(specs: list[MethodSpec], ctx: dict, keys: dict, cached
             except Exception as exc:  # noqa: BLE001 - a dead worker fails its method only
                 out[spec.name] = {"spec": spec.to_dict(), "steps": [],
                                   "error": f"worker: {type(exc).__name__}: {exc}"}
+            done_s = time.perf_counter() - t0
+            left_ep -= weight[spec.name]
+            done = sum(weight.values()) - left_ep
+            # the finished methods' pace per (weighted) episode; the methods still running are
+            # counted as not started, so this errs long
+            eta = f", ETA {_fmt_s(done_s * left_ep / done)}" if done and left_ep else ""
             log(f"[bench] {i}/{len(futs)} method(s) done ({spec.name}"
                 + (f", FAILED: {out[spec.name]['error']}" if out[spec.name].get("error") else "")
-                + f"), {_fmt_s(time.perf_counter() - t0)} elapsed")
+                + f"), {_fmt_s(done_s)} elapsed{eta}")
     return out
 
 

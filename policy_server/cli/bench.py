@@ -24,6 +24,12 @@ def register(sub) -> None:
     c.add_argument("--family", choices=("demo", "act"), default="demo",
                    help="expert family: the demo VLA (default) or LeRobot ACT policies "
                         "(policy_server/training/act_factory.py), trained on the same demos")
+    c.add_argument("--lora", action="store_true",
+                   help="experts as PEFT LoRA adapters of the base (the factory's --lora "
+                        "variant, trained on first use like `carve train --lora`); default: full "
+                        "fine-tunes (demo family only)")
+    c.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="LoRA rank of that factory (default: the preset's)")
     c.add_argument("--methods", default=None,
                    help="comma-separated method labels, or 'all' for every registered one (bank, "
                         "carve-r4/16/64, carve-e0.9/0.95, carve-r16-drift, carve-r16-rate-t1, "
@@ -88,6 +94,19 @@ def run_closed_loop(args) -> int:
     if not with_router:
         cmd.append("--oracle-only")
     factory = None
+    if args.lora_rank is not None and (not args.lora or args.lora_rank < 1):
+        raise InputError("--lora-rank needs --lora and a rank >= 1, got "
+                         f"{args.lora_rank}{'' if args.lora else ' without --lora'}")
+    if args.lora:
+        if args.family != "demo":
+            raise InputError(f"--lora: the {args.family} family has no LoRA experts "
+                             "(the demo VLA family has)")
+        from policy_server.training.train import build_factory
+
+        print(f"[bench] building/reusing the {preset!r} LoRA expert factory", flush=True)
+        factory = build_factory(preset, lora=True, lora_rank=args.lora_rank)
+        cmd += ["--lora"] + ([] if args.lora_rank is None else
+                             ["--lora-rank", str(args.lora_rank)])
     if args.family == "act":
         from policy_server.training.act_factory import build_act_factory
 

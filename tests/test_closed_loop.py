@@ -526,6 +526,7 @@ def test_parallel_jobs_match_serial_and_keep_other_work(tiny_factory, tmp_path):
     assert any("in 2 worker processes" in ln for ln in lines)
     assert all(m["error"] is None and m["summary"]["complete"] for m in par["methods"].values())
     assert _traces(par, "oracle") == _traces(serial, "oracle")
+    assert list(par["methods"]) == ["carve-r4", "ta"]   # as asked, whichever finished first
     assert other.is_dir() and not (tmp_path / "par" / "_work" / "ta").exists()
 
 

@@ -686,8 +686,9 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
             results["methods"][spec.name] = _run_method(
                 spec, ctx, keys, cached, hooks_for, eta, log)
     else:
-        results["methods"].update(_run_methods_parallel(specs, ctx, keys, cached, jobs, eta,
-                                                        log))
+        done = _run_methods_parallel(specs, ctx, keys, cached, jobs, eta, log)
+        for spec in specs:  # tables list methods in the order asked for, not finishing order
+            results["methods"][spec.name] = done[spec.name]
     for spec in specs:
         results["methods"][spec.name]["summary"] = report.summarize_method(
             results["methods"][spec.name], [e["name"] for e in experts], episodes=episodes)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from policy_server.errors import InputError
+from policy_server.merge.hooks import ArtifactOnlyHook
 
 DESCRIPTOR_VERSION = 1
 GRID = 12
@@ -231,7 +232,7 @@ def load_frames(paths) -> list[dict]:
     return frames
 
 
-class ObservationDescriptorHook:
+class ObservationDescriptorHook(ArtifactOnlyHook):
     """Admission hook (``policy_server.merge.hooks.AdmissionHook`` protocol, like
     ``TextEmbeddingHook``): stores the descriptors of the skill's first frames (e.g. the first
     observation of its demonstrations, or of its task's init states) with the skill. It reads no
@@ -244,12 +245,6 @@ class ObservationDescriptorHook:
             raise InputError("ObservationDescriptorHook needs at least one frame")
         self.frames = list(frames)
         self.cameras = cameras
-
-    def wants(self, key: str) -> bool:
-        return False
-
-    def on_tensor(self, key, expert, tau) -> None:  # pragma: no cover - never wanted
-        pass
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         return observation_descriptor_artifacts(self.frames, self.cameras)

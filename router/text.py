@@ -45,6 +45,7 @@ import warnings
 import torch
 
 from policy_server.errors import InputError
+from policy_server.merge.hooks import ArtifactOnlyHook
 from router.base import RouteDecision, Router, _normalise
 from router.embedder import Embedder, fingerprint_tensor, tensor_fingerprint, texts_digest
 
@@ -296,8 +297,8 @@ def timed_route(router: Router, instruction: str, observation=None) -> tuple[Rou
     return d, time.perf_counter() - t0
 
 
-class TextEmbeddingHook:
-    """Admission hook (``policy_server.merge.hooks.AdmissionHook`` protocol) that embeds the skill's
+class TextEmbeddingHook(ArtifactOnlyHook):
+    """Admission hook (an ``ArtifactOnlyHook``) that embeds the skill's
     instructions once at admission, so servers load ``router::text::*`` instead of re-embedding.
     It reads no tensor (``wants`` is always False)."""
 
@@ -306,12 +307,6 @@ class TextEmbeddingHook:
     def __init__(self, instructions: list[str], embedder: Embedder, description: str = ""):
         self.texts = skill_texts({"instructions": list(instructions), "description": description})
         self.embedder = embedder
-
-    def wants(self, key: str) -> bool:
-        return False
-
-    def on_tensor(self, key, expert, tau) -> None:  # pragma: no cover - never wanted
-        pass
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         return text_router_artifacts(self.texts, self.embedder) if self.texts else {}

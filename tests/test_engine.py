@@ -472,3 +472,19 @@ def test_admit_allow_base_mismatch(tmp_path, caplog):
         admit(state, other, edirs[1], "b", progress=False, allow_base_mismatch=True)
     assert "fingerprint" in caplog.text
     assert StateStore(state).open().skill_names() == ["a", "b"]
+
+
+def test_metadata_hooks_read_no_tensor():
+    """The hooks whose artifacts come from files or metadata share ArtifactOnlyHook: admitting
+    with any of them asks for no tensor of the expert or the base."""
+    from policy_server.merge.hooks import ArtifactOnlyHook
+    from policy_server.models.lerobot.processors import ProcessorArtifactsHook
+    from policy_server.models.openvla.skills import OpenVLAStatsHook
+    from router.descriptor import ObservationDescriptorHook
+    from router.text import TextEmbeddingHook
+
+    for cls in (ProcessorArtifactsHook, OpenVLAStatsHook, ObservationDescriptorHook,
+                TextEmbeddingHook):
+        assert issubclass(cls, ArtifactOnlyHook), cls
+        assert cls.wants is ArtifactOnlyHook.wants, cls   # none re-opens tensor reading
+    assert not ArtifactOnlyHook().wants("action_expert.head.fc1.weight")

@@ -46,6 +46,15 @@ class AdmissionHook:
         return {}
 
 
+class ArtifactOnlyHook(AdmissionHook):
+    """A hook whose artifacts come from the expert's files or metadata, not its tensors: it asks
+    for no tensor, so admitting with it reads nothing extra. Subclasses override
+    :meth:`artifacts` only."""
+
+    def wants(self, key: str) -> bool:
+        return False
+
+
 class ValueSubspaceHook(AdmissionHook):
     """Keeps the top-``k`` right singular vectors of matching weight matrices (MergeVLA's
     value-subspace router, docs/ROUTING.md).

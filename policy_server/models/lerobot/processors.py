@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.hooks import AdmissionHook
+from policy_server.merge.hooks import ArtifactOnlyHook
 from policy_server.models.lerobot.config import (
     architecture_diff, check_policy_dir, processor_files)
 
@@ -46,7 +46,7 @@ def write_processor_files(artifacts: dict[str, torch.Tensor], out_dir: Path) -> 
             (out_dir / name).write_bytes(t.to(torch.uint8).contiguous().numpy().tobytes())
 
 
-class ProcessorArtifactsHook(AdmissionHook):
+class ProcessorArtifactsHook(ArtifactOnlyHook):
     """Admission hook storing the expert's processor files with its skill.
 
     Built (and validated) before any tensor streams: the expert must be a LeRobot directory of
@@ -70,9 +70,6 @@ class ProcessorArtifactsHook(AdmissionHook):
                              f"the base's ({shown}); CARVE merges experts fine-tuned from one "
                              "common base checkpoint")
         self._artifacts = encode_processor_files(expert_dir)
-
-    def wants(self, key: str) -> bool:
-        return False
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         return dict(self._artifacts)

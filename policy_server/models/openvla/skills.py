@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from policy_server.errors import InputError
-from policy_server.merge.hooks import AdmissionHook
+from policy_server.merge.hooks import ArtifactOnlyHook
 
 ARTIFACT = "openvla_action_stats"
 # fields that must agree between base and expert: anything else would mean another architecture
@@ -55,7 +55,7 @@ def decode_stats(t: torch.Tensor) -> tuple[str, dict]:
     return d["unnorm_key"], d["stats"]
 
 
-class OpenVLAStatsHook(AdmissionHook):
+class OpenVLAStatsHook(ArtifactOnlyHook):
     """Stores the expert's ``unnorm_key`` + action statistics as the skill artifact
     ``openvla_action_stats``; refuses an expert whose architecture fields differ from the base's.
     Reads only the two config.json files (no tensor is needed)."""
@@ -91,9 +91,6 @@ class OpenVLAStatsHook(AdmissionHook):
                 return
         key = choose_expert_key(exp, base, str(exp_path / "config.json"))
         self._blob = encode_stats(key, stats[key])
-
-    def wants(self, key: str) -> bool:
-        return False
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         return {} if self._blob is None else {ARTIFACT: self._blob}

@@ -529,36 +529,35 @@ def _method_worker(spec: MethodSpec, ctx: dict, keys: dict, cached: dict, eta_ar
                        _Eta(*eta_args), log)
 
 
+def _left_to_evaluate(spec: MethodSpec, ctx: dict, cached: dict) -> tuple[int, int]:
+    """(episodes, steps) of one method that are not cached yet."""
+    T, experts = ctx["T"], ctx["factory"]["experts"]
+    left = [t for t in range(1, T + 1) if (spec.name, t) not in cached]
+    return sum(_step_episodes(experts[:t], step_episode_counts(
+        t, T, ctx["episodes"], ctx["curve_episodes"]), not per_skill_method(spec),
+        ctx["with_router"], ctx["router_reuse"]) for t in left), len(left)
+
+
 def _run_methods_parallel(specs: list[MethodSpec], ctx: dict, keys: dict, cached: dict,
-                          jobs: int, eta, log) -> dict:
+                          jobs: int, log) -> dict:
     """Run methods in ``jobs`` worker processes (spawned: no forked torch or gRPC state), the
     most expensive first so the last one to start is a short one. -> {name: results entry}."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    T, experts = ctx["T"], ctx["factory"]["experts"]
-
-    def todo_episodes(spec) -> int:
-        # task-agnostic methods are mostly the weak ones, whose failed episodes run to max_steps
-        return sum(_step_episodes(experts[:t], step_episode_counts(
-            t, T, ctx["episodes"], ctx["curve_episodes"]), not per_skill_method(spec),
-            ctx["with_router"], ctx["router_reuse"]) * (1 if per_skill_method(spec) else 2)
-            for t in range(1, T + 1) if (spec.name, t) not in cached)
-
-    order = sorted(specs, key=todo_episodes, reverse=True)
+    left = {spec.name: _left_to_evaluate(spec, ctx, cached) for spec in specs}
+    # task-agnostic methods are mostly the weak ones, whose failed episodes run to max_steps
+    weight = {spec.name: left[spec.name][0] * (1 if per_skill_method(spec) else 2)
+              for spec in specs}
+    order = sorted(specs, key=lambda spec: weight[spec.name], reverse=True)
     out: dict = {}
-    weight = {spec.name: todo_episodes(spec) for spec in order}
     left_ep = sum(weight.values())
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         futs = {}
         for spec in order:
             mine = {k: v for k, v in cached.items() if k[0] == spec.name}
-            left = [t for t in range(1, T + 1) if (spec.name, t) not in cached]
-            n_ep = sum(_step_episodes(experts[:t], step_episode_counts(
-                t, T, ctx["episodes"], ctx["curve_episodes"]), not per_skill_method(spec),
-                ctx["with_router"], ctx["router_reuse"]) for t in left)
-            futs[pool.submit(_method_worker, spec, ctx, keys, mine, (n_ep, len(left)))] = spec
+            futs[pool.submit(_method_worker, spec, ctx, keys, mine, left[spec.name])] = spec
         log(f"[bench] {len(futs)} method(s) in {jobs} worker processes")
         for i, fut in enumerate(as_completed(futs), 1):
             spec = futs[fut]
@@ -686,7 +685,7 @@ def run_benchmark(preset: str = "demo", methods="bank,carve-r16,ta",
             results["methods"][spec.name] = _run_method(
                 spec, ctx, keys, cached, hooks_for, eta, log)
     else:
-        done = _run_methods_parallel(specs, ctx, keys, cached, jobs, eta, log)
+        done = _run_methods_parallel(specs, ctx, keys, cached, jobs, log)
         for spec in specs:  # tables list methods in the order asked for, not finishing order
             results["methods"][spec.name] = done[spec.name]
     for spec in specs:
